@@ -1,0 +1,296 @@
+"""Tensor-parallel layers: column- and row-parallel linears and the vocab-parallel embedding.
+
+Parameters are allocated with ``torch.empty`` at their *partition* shape and carry Megatron's
+attributes ``tensor_model_parallel``, ``partition_dim`` and ``partition_stride``; replicated ones
+have ``tensor_model_parallel=False``. The model initialises them (full tensor from a seeded
+generator, then ``shard_tensor``); ``load_full_parameters`` does that for a whole module from a
+full state dict, ``gather_full_parameters`` is its inverse. With ``tp_group=None`` (or a group of
+size 1) every layer is a plain module computing exactly what ``nn.Linear``/``nn.Embedding`` do, and
+needs no ``torch.distributed``.
+
+Shape legend: w TP world size, i input features, o output features, v vocab size, h hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_glm.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron_glm.parallel.utils import (
+    gather_tensor_shards,
+    get_tensor_model_parallel_rank_and_size,
+    set_tensor_model_parallel_attributes,
+    shard_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "gather_full_parameters",
+    "load_full_parameters",
+]
+
+
+def _partition_size(full: int, world_size: int, stride: int, what: str) -> int:
+    if full % (world_size * stride) != 0:
+        detail = f" * stride {stride}" if stride > 1 else ""
+        raise ValueError(
+            f"{what} {full} is not divisible by the tensor-parallel size {world_size}{detail}"
+        )
+    return full // world_size
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x A^T + b`` with ``A [o, i]`` split along o (dim 0): rank r computes ``o/w`` outputs.
+
+    The input is replicated (its gradient is summed over TP ranks). ``gather_output=True`` returns
+    the full ``o`` outputs in canonical order (strided partitions are re-interleaved, so a stride-3
+    QKV output is [Q; K; V] as in the unpartitioned layer). ``skip_bias_add=True`` returns
+    ``(x A_r^T, b_r)`` so the caller can fuse the bias into what follows (bias + GeLU).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        tp_group: dist.ProcessGroup | None = None,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if gather_output and skip_bias_add:
+            raise ValueError(
+                "ColumnParallelLinear: gather_output=True with skip_bias_add=True would return a "
+                "gathered output with a partitioned bias; choose one"
+            )
+        self.input_size = input_size
+        self.output_size = output_size
+        self.tp_group = tp_group
+        self.gather_output = gather_output
+        self.stride = stride
+        self.skip_bias_add = skip_bias_add
+        self.tp_rank, self.tp_world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.output_size_per_partition = _partition_size(
+            output_size, self.tp_world_size, stride, "ColumnParallelLinear output_size"
+        )
+        self.weight = nn.Parameter(
+            torch.empty(
+                self.output_size_per_partition, input_size, dtype=params_dtype, device=device
+            )
+        )  # [o/w, i]
+        set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.output_size_per_partition, dtype=params_dtype, device=device)
+            )  # [o/w]
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        x = copy_to_tensor_model_parallel_region(x, self.tp_group)  # [.., i]
+        bias = None if self.skip_bias_add else self.bias
+        out = F.linear(x, self.weight, bias)  # [.., o/w]
+        if self.skip_bias_add:
+            return out, self.bias
+        if self.gather_output:
+            out = gather_from_tensor_model_parallel_region(out, self.tp_group)  # [.., o] rank-major
+            if self.stride > 1 and self.tp_world_size > 1:
+                # Rank-major [r][chunk][piece] -> chunk-major [chunk][r][piece]: canonical order.
+                lead = out.shape[:-1]
+                piece = self.output_size // (self.stride * self.tp_world_size)
+                out = out.reshape(*lead, self.tp_world_size, self.stride, piece)
+                out = out.transpose(-3, -2).reshape(*lead, self.output_size)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, "
+            f"tp={self.tp_world_size}, stride={self.stride}, bias={self.bias is not None}, "
+            f"gather_output={self.gather_output}, skip_bias_add={self.skip_bias_add}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x A^T + b`` with ``A [o, i]`` split along i (dim 1); partial products are all-reduced.
+
+    The bias is replicated and added *after* the all-reduce (added once, not w times).
+    ``input_is_parallel=False`` scatters a replicated input first. ``skip_bias_add=True`` returns
+    ``(x A^T, b)`` so the caller can fuse bias + dropout + residual add.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        tp_group: dist.ProcessGroup | None = None,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.tp_group = tp_group
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.tp_rank, self.tp_world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.input_size_per_partition = _partition_size(
+            input_size, self.tp_world_size, 1, "RowParallelLinear input_size"
+        )
+        self.weight = nn.Parameter(
+            torch.empty(
+                output_size, self.input_size_per_partition, dtype=params_dtype, device=device
+            )
+        )  # [o, i/w]
+        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=params_dtype, device=device))
+            set_tensor_model_parallel_attributes(self.bias, False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
+        partial = F.linear(x, self.weight)  # [.., o], this rank's share of the sum over i
+        out = reduce_from_tensor_model_parallel_region(partial, self.tp_group)
+        if self.skip_bias_add:
+            return out, self.bias
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, "
+            f"tp={self.tp_world_size}, bias={self.bias is not None}, "
+            f"input_is_parallel={self.input_is_parallel}, skip_bias_add={self.skip_bias_add}"
+        )
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the vocab (dim 0): rank r owns ids ``[r*v/w, (r+1)*v/w)``.
+
+    Each rank looks up the ids it owns, writes zeros for the others, and the all-reduce assembles
+    the rows. Ids outside ``[0, v)`` raise at TP=1 (like ``nn.Embedding``) but give zero rows under
+    TP (no rank owns them): callers keep ids in range.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_group: dist.ProcessGroup | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.tp_group = tp_group
+        self.tp_rank, self.tp_world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.num_embeddings_per_partition = _partition_size(
+            num_embeddings, self.tp_world_size, 1, "VocabParallelEmbedding num_embeddings"
+        )
+        self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.weight = nn.Parameter(
+            torch.empty(
+                self.num_embeddings_per_partition, embedding_dim, dtype=params_dtype, device=device
+            )
+        )  # [v/w, h]
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_world_size == 1:
+            return F.embedding(input_ids, self.weight)  # [.., h]
+        outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+        local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+        rows = F.embedding(local_ids, self.weight)  # [.., h]
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(rows, self.tp_group)  # [.., h]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"tp={self.tp_world_size}"
+        )
+
+
+def load_full_parameters(
+    module: nn.Module,
+    full_state: Mapping[str, torch.Tensor],
+    tp_group: dist.ProcessGroup | None,
+) -> None:
+    """Copy full (unpartitioned) tensors into ``module``'s parameters, sharding TP ones.
+
+    ``full_state`` maps every parameter name of ``module`` (``named_parameters``) to its full
+    tensor; partitioned parameters receive ``shard_tensor(full, partition_dim, partition_stride,
+    tp_rank, tp_size)``, replicated ones the full tensor. Missing or unexpected names and shape
+    mismatches raise ``ValueError``.
+    """
+    rank, world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+    params = dict(module.named_parameters())
+    missing = sorted(params.keys() - full_state.keys())
+    unexpected = sorted(full_state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"load_full_parameters: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, param in params.items():
+            full = full_state[name]
+            if getattr(param, "tensor_model_parallel", False):
+                value = shard_tensor(
+                    full, param.partition_dim, param.partition_stride, rank, world_size
+                )
+            else:
+                value = full
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"load_full_parameters: {name} has shape {tuple(param.shape)} on TP rank "
+                    f"{rank} of {world_size}, the full tensor {tuple(full.shape)} gives "
+                    f"{tuple(value.shape)}"
+                )
+            param.copy_(value)
+
+
+def gather_full_parameters(
+    module: nn.Module, tp_group: dist.ProcessGroup | None, grads: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` (or its ``.grad`` with ``grads=True``) as its full tensor.
+
+    A collective over ``tp_group``: partitioned parameters are all-gathered and reassembled with
+    ``gather_tensor_shards``; replicated ones are returned as detached clones. With ``grads=True``
+    parameters without a gradient are left out.
+    """
+    _, world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+    full: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if grads and param.grad is None:
+            continue
+        value = param.grad.detach() if grads else param.detach()
+        if getattr(param, "tensor_model_parallel", False) and world_size > 1:
+            shards = [torch.empty_like(value) for _ in range(world_size)]
+            dist.all_gather(shards, value.contiguous(), group=tp_group)
+            full[name] = gather_tensor_shards(shards, param.partition_dim, param.partition_stride)
+        else:
+            full[name] = value.clone()
+    return full

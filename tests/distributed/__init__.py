@@ -1,0 +1,1 @@
+"""Multi-process tests (gloo ranks spawned by `tests.distributed.harness.run_distributed`)."""
