@@ -1,0 +1,255 @@
+"""Attention with GLM's Part A / Part B mask (GLM_SPEC §2), behind interchangeable backends.
+
+Shape legend: b batch, n heads (per TP rank), sq queries, sk keys, d head dim.
+
+Query ``i`` sits at key position ``i + sk - sq`` (so a KV cache, ``sq < sk``, uses the same call and
+sees every cached position), and may attend to key ``j`` iff ``j < sep or j <= i + sk - sq``: Part A
+(the first ``sep`` tokens) is bidirectional, Part B is causal and sees all of Part A, and padding
+after Part B is never seen by a real token. The mask is described by ``sep`` alone; each backend
+decides how to apply it:
+
+- ``dense``: the reference, as the official GLM computes it: ``scores = q @ (k / sqrt(d))^T``,
+  masked scores set to -65504, softmax in the input dtype, dropout, ``@ v``. Materialises
+  ``[b, n, sq, sk]`` scores.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with one boolean mask
+  ``[b, 1, sq, sk]`` broadcast over heads (never a per-head mask).
+- ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse ``BlockMask`` built from the
+  same predicate, compiled on CUDA. No attention dropout; on CPU it runs the unfused forward only
+  (torch has no CPU backward for it) - use it on CPU for checks, not training.
+- ``auto``: ``flex`` on CUDA when dropout is inactive, else ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKENDS",
+    "PreparedMask",
+    "allowed_mask",
+    "attention",
+    "flex_available",
+    "prepare_attention_mask",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "dense", "sdpa", "flex")
+# The official code's "minus infinity": the most negative fp16 value, so fp16 scores stay finite.
+MASK_VALUE = -65504.0
+
+try:  # flex_attention exists from torch 2.5 on
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    _FLEX_IMPORT_ERROR: str | None = None
+except ImportError as error:  # pragma: no cover - depends on the torch build
+    BlockMask = Any  # type: ignore[misc,assignment]
+    _FLEX_IMPORT_ERROR = str(error)
+
+_compiled_flex: Any = None
+
+
+def flex_available() -> bool:
+    """Whether this torch build ships ``flex_attention``."""
+    return _FLEX_IMPORT_ERROR is None
+
+
+def resolve_backend(backend: str, device: torch.device, dropout_active: bool = False) -> str:
+    """The concrete backend ``backend`` means on ``device`` (``auto`` is resolved, others kept)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    # flex has no dropout, so training with attention dropout stays on SDPA.
+    if device.type == "cuda" and flex_available() and not dropout_active:
+        return "flex"
+    # With dropout, torch's CPU SDPA falls back to an unfused path that is slower than the dense
+    # reference and, in bf16, needs 1.6-1.8x its memory (benchmarks/README.md).
+    if device.type == "cpu" and dropout_active:
+        return "dense"
+    return "sdpa"
+
+
+def allowed_mask(sep: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """Boolean ``[b, 1, sq, sk]``: True where query ``i`` may attend to key ``j``."""
+    device = sep.device
+    query_pos = torch.arange(sk - sq, sk, device=device).view(1, sq, 1)  # key position of query i
+    key_pos = torch.arange(sk, device=device).view(1, 1, sk)
+    # [b, sq, sk] -> [b, 1, sq, sk]: one mask for every head
+    return ((key_pos < sep.view(-1, 1, 1)) | (key_pos <= query_pos)).unsqueeze(1)
+
+
+@dataclass
+class PreparedMask:
+    """A mask built once for ``(sep, sq, sk, backend)`` and reused by every layer of a forward."""
+
+    backend: str
+    sq: int
+    sk: int
+    batch: int
+    dense: torch.Tensor | None = None  # [b, 1, sq, sk] bool for dense / sdpa
+    block: Any = None  # BlockMask for flex
+
+
+def _check_sep(sep: torch.Tensor, batch: int, sk: int) -> None:
+    if not isinstance(sep, torch.Tensor):
+        raise ValueError(f"sep must be an integer tensor of shape [{batch}], got {type(sep)}")
+    if sep.dtype.is_floating_point or sep.dtype.is_complex or sep.dtype == torch.bool:
+        raise ValueError(f"sep must be an integer tensor, got dtype {sep.dtype}")
+    if sep.dim() != 1 or sep.shape[0] != batch:
+        raise ValueError(
+            f"sep must have shape [{batch}] (one Part A length per sample), got {tuple(sep.shape)}"
+        )
+    if batch:
+        low, high = int(sep.min()), int(sep.max())
+        if low < 0 or high > sk:
+            raise ValueError(
+                f"sep values must lie in [0, {sk}] (the key length), got min {low} "
+                f"max {high}: {sep.tolist()}"
+            )
+
+
+def prepare_attention_mask(
+    sep: torch.Tensor, sq: int, sk: int, backend: str, dropout_active: bool = False
+) -> PreparedMask:
+    """Validate ``sep`` and build the mask ``backend`` needs (``auto`` is resolved here)."""
+    batch = sep.shape[0] if isinstance(sep, torch.Tensor) and sep.dim() == 1 else -1
+    _check_sep(sep, batch, sk)
+    return _build_mask(sep, sq, sk, backend, dropout_active)
+
+
+def _build_mask(
+    sep: torch.Tensor, sq: int, sk: int, backend: str, dropout_active: bool
+) -> PreparedMask:
+    batch = sep.shape[0]
+    if sq > sk:
+        raise ValueError(f"more queries than keys: sq={sq} > sk={sk}")
+    concrete = resolve_backend(backend, sep.device, dropout_active)
+    if concrete == "flex":
+        if not flex_available():
+            raise ValueError(
+                f"attention backend 'flex' needs torch.nn.attention.flex_attention, "
+                f"unavailable in torch {torch.__version__}: {_FLEX_IMPORT_ERROR}"
+            )
+        offset = sk - sq
+        sep_long = sep.to(torch.long)
+
+        def mask_mod(
+            b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
+            return (kv_idx < sep_long[b]) | (kv_idx <= q_idx + offset)
+
+        # H=None: the mask is the same for every head, so the block map is stored once per sample.
+        block = create_block_mask(mask_mod, batch, None, sq, sk, device=sep.device)
+        return PreparedMask(concrete, sq, sk, batch, block=block)
+    return PreparedMask(concrete, sq, sk, batch, dense=allowed_mask(sep, sq, sk))
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [b, n, s, d], got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    b, n, sq, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, n, d):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head dim"
+        )
+    if sq > k.shape[2]:
+        raise ValueError(f"more queries than keys: q has {sq}, k has {k.shape[2]}")
+
+
+def _dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    # Official order: scale k before the product (keeps fp16 scores in range).
+    scores = torch.matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
+    scores = scores.masked_fill(~allowed, MASK_VALUE)
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return torch.matmul(probs, v)  # [b, n, sq, d]
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Any) -> torch.Tensor:
+    global _compiled_flex
+    if q.device.type == "cuda":
+        # Without compile flex_attention is an unfused reference that materialises the scores.
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            f"flex_attention has no backward on {q.device.type} in torch {torch.__version__}: "
+            "use backend='sdpa' (or 'dense') to train on CPU"
+        )
+    with warnings.catch_warnings():
+        # The unfused CPU path is what we want here (a forward check); silence its advice.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    training: bool = False,
+    mask: PreparedMask | None = None,
+) -> torch.Tensor:
+    """Masked multi-head attention: ``q [b,n,sq,d]``, ``k, v [b,n,sk,d]``, ``sep [b]`` ->
+    ``[b,n,sq,d]``.
+
+    ``mask`` is an optional :func:`prepare_attention_mask` result for the same ``sep``/lengths
+    (the model builds it once per forward); its backend then wins over ``backend``. Dropout on the
+    attention probabilities is applied when ``training`` and ``dropout_p > 0`` (the caller owns the
+    RNG state, e.g. the model-parallel RNG fork). ``flex`` cannot apply dropout.
+    """
+    _check_qkv(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    b, _, sq, _ = q.shape
+    sk = k.shape[2]
+    dropout_active = training and dropout_p > 0.0
+    if mask is None:
+        _check_sep(sep, b, sk)
+        mask = _build_mask(sep, sq, sk, backend, dropout_active)
+    elif (mask.sq, mask.sk, mask.batch) != (sq, sk, b):
+        raise ValueError(
+            f"prepared mask is for (b, sq, sk)=({mask.batch}, {mask.sq}, {mask.sk}), "
+            f"inputs are ({b}, {sq}, {sk})"
+        )
+
+    if mask.backend == "flex":
+        if dropout_active:
+            raise ValueError(
+                f"the flex attention backend has no attention dropout "
+                f"(dropout_p={dropout_p} in training): use backend 'sdpa' or 'dense'"
+            )
+        return _flex(q, k, v, mask.block)
+    assert mask.dense is not None
+    if mask.backend == "dense":
+        return _dense(q, k, v, mask.dense, dropout_p, training)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.dense, dropout_p=dropout_p if training else 0.0
+    )

@@ -1,0 +1,144 @@
+"""The GLM language model (GLM_SPEC §1-2): embeddings, pre-LN layers, final LayerNorm, tied head.
+
+Shape legend: b batch, s sequence, h hidden, v padded vocab, w TP world size.
+
+``GLMModel(config, tp_group)(input_ids [b,s], position_ids [b,2,s], sep [b]) -> logits [b,s,v/w]``.
+The logits stay vocab-parallel (shard r holds vocab ids ``[r*v/w, (r+1)*v/w)``) and go straight
+into ``glm_loss``. At TP=1 the model is plain PyTorch and ``state_dict()`` keys are exactly the
+canonical names of GLM_SPEC §1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_glm.config import GLMConfig
+from megatron_glm.kernels import prepare_attention_mask
+from megatron_glm.model.embedding import PositionTables, embed, parallel_lm_logits
+from megatron_glm.model.init import initialize_parameters
+from megatron_glm.model.layer import GLMLayer, make_replicated_layer_norm
+from megatron_glm.parallel import VocabParallelEmbedding, get_tensor_model_parallel_rank_and_size
+from megatron_glm.parallel.random import checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GLMModel", "GLMTransformer", "check_tp_divisibility", "validate_inputs"]
+
+
+def check_tp_divisibility(config: GLMConfig, tp_size: int) -> None:
+    """Raise ``ValueError`` unless ``config`` can be split over ``tp_size`` ranks."""
+    checks = {
+        "num_attention_heads": config.num_attention_heads,
+        "padded_vocab_size": config.padded_vocab_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+    }
+    bad = {name: value for name, value in checks.items() if value % tp_size}
+    if bad:
+        raise ValueError(
+            f"tensor-parallel size {tp_size} must divide {bad} (pick a TP degree "
+            "that divides them, or change make_vocab_size_divisible_by)"
+        )
+
+
+def _check_integer(name: str, t: object, shape: tuple[int | None, ...]) -> torch.Tensor:
+    expected = "[" + ", ".join("?" if n is None else str(n) for n in shape) + "]"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be an integer tensor {expected}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+    return t
+
+
+def validate_inputs(
+    config: GLMConfig, input_ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+) -> None:
+    """Check shapes, dtypes and value ranges of a model input; ``ValueError`` naming the values."""
+    _check_integer("input_ids", input_ids, (None, None))
+    b, s = input_ids.shape
+    _check_integer("position_ids", position_ids, (b, 2, s))
+    _check_integer("sep", sep, (b,))
+    if b == 0 or s == 0:
+        raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
+    # One host sync for all range checks.
+    extremes = [t.min().long() for t in (input_ids, position_ids, sep)]
+    extremes += [t.max().long().to(extremes[0].device) for t in (input_ids, position_ids, sep)]
+    low_id, low_pos, low_sep, high_id, high_pos, high_sep = torch.stack(
+        [e.to(extremes[0].device) for e in extremes]
+    ).tolist()
+    vocab = config.padded_vocab_size
+    if low_id < 0 or high_id >= vocab:
+        raise ValueError(
+            f"token ids must lie in [0, {vocab}) (padded vocab), got min {low_id} max {high_id}"
+        )
+    rows = config.max_sequence_length + 1
+    if low_pos < 0 or high_pos >= rows:
+        raise ValueError(
+            f"position ids must lie in [0, {rows}) (max_sequence_length + 1 table "
+            f"rows), got min {low_pos} max {high_pos}"
+        )
+    if low_sep < 0 or high_sep > s:
+        raise ValueError(f"sep must lie in [0, {s}] (the sequence length), got {sep.tolist()}")
+
+
+class GLMTransformer(PositionTables):
+    """``transformer.*``: the position tables, the layers and the final LayerNorm."""
+
+    def __init__(self, config: GLMConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleList(
+            GLMLayer(config, i, tp_group, init=False) for i in range(config.num_layers)
+        )
+        self.final_layernorm = make_replicated_layer_norm(config)
+
+
+class GLMModel(nn.Module):
+    """GLM with tensor parallelism over ``tp_group`` (``None``: TP=1, plain PyTorch)."""
+
+    def __init__(self, config: GLMConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        _, tp_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        check_tp_divisibility(config, tp_size)
+        self.config = config
+        self.tp_group = tp_group
+        self.word_embeddings = VocabParallelEmbedding(
+            config.padded_vocab_size, config.hidden_size, tp_group
+        )
+        self.transformer = GLMTransformer(config, tp_group)
+        initialize_parameters(self, config, "", tp_group)
+
+    def _run_layers(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = hidden.shape
+        layers = self.transformer.layers
+        dropout_active = self.training and self.config.attention_dropout > 0.0
+        # Built once per forward and shared by every layer (the flex BlockMask is not free).
+        mask = prepare_attention_mask(sep, s, s, self.config.attention_backend, dropout_active)
+        if not (self.config.checkpoint_activations and self.training and torch.is_grad_enabled()):
+            for layer in layers:
+                hidden = layer(hidden, sep, mask)
+            return hidden
+        chunk = self.config.checkpoint_num_layers
+        for start in range(0, len(layers), chunk):
+
+            def run_chunk(x: torch.Tensor, sep_: torch.Tensor, start: int = start) -> torch.Tensor:
+                for layer in layers[start : start + chunk]:
+                    x = layer(x, sep_, mask)
+                return x
+
+            hidden = checkpoint(run_chunk, hidden, sep)
+        return hidden
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+    ) -> torch.Tensor:
+        """``input_ids [b, s]``, ``position_ids [b, 2, s]``, ``sep [b]`` -> ``[b, s, v/w]``."""
+        validate_inputs(self.config, input_ids, position_ids, sep)
+        hidden = embed(self.word_embeddings, self.transformer, input_ids, position_ids)  # [b,s,h]
+        hidden = self._run_layers(hidden, sep)
+        hidden = self.transformer.final_layernorm(hidden)
+        return parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group)

@@ -1,0 +1,182 @@
+"""One GLM transformer layer (pre-LN, GLM_SPEC §1) and its attention and MLP blocks.
+
+Shape legend: b batch, s sequence, h hidden, w TP world size, n heads (all), n/w heads on this rank,
+d head dim, f FFN width.
+
+TP layout: ``query_key_value`` is column-parallel with stride 3, so rank r holds the rows
+[Q_r; K_r; V_r] of its own heads and computes attention for them alone; ``dense`` is row-parallel
+(its bias is added once, after the all-reduce). ``dense_h_to_4h`` is column-parallel,
+``dense_4h_to_h`` row-parallel. Attention dropout runs inside the model-parallel RNG fork (each TP
+rank drops different heads' probabilities); residual dropout uses the default generator, which is
+seeded identically on the TP ranks, so the replicated activations stay identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_glm.config import GLMConfig
+from megatron_glm.kernels import (
+    PreparedMask,
+    attention,
+    bias_dropout_add,
+    bias_dropout_add_reference,
+    bias_gelu,
+    bias_gelu_reference,
+    make_layer_norm,
+)
+from megatron_glm.model.init import initialize_parameters
+from megatron_glm.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    divide,
+    get_tensor_model_parallel_rank_and_size,
+    set_tensor_model_parallel_attributes,
+)
+from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GLMLayer", "ParallelMLP", "ParallelSelfAttention", "make_replicated_layer_norm"]
+
+
+def make_replicated_layer_norm(config: GLMConfig) -> nn.Module:
+    """A LayerNorm of width h whose parameters are marked replicated over TP."""
+    norm = make_layer_norm(config.hidden_size, config.layernorm_epsilon)
+    for param in norm.parameters():
+        set_tensor_model_parallel_attributes(param, False)
+    return norm
+
+
+class ParallelSelfAttention(nn.Module):
+    """Fused-QKV self-attention over this rank's heads, with GLM's Part A / Part B mask."""
+
+    def __init__(self, config: GLMConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        _, world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.tp_size = world_size
+        h = config.hidden_size
+        self.num_heads_per_partition = divide(config.num_attention_heads, world_size)
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        self.backend = config.attention_backend
+        if self.backend == "flex" and self.attention_dropout > 0.0:
+            raise ValueError(
+                f"attention_backend='flex' cannot apply attention dropout (attention_dropout="
+                f"{self.attention_dropout}): set attention_dropout=0 or use 'sdpa'/'auto'"
+            )
+        # stride 3: the full weight is [Q; K; V] (GLM_SPEC §1); rank r keeps [Q_r; K_r; V_r].
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, tp_group, stride=3)
+        self.dense = RowParallelLinear(h, h, tp_group, input_is_parallel=True, skip_bias_add=True)
+
+    def _dropout_rng(self) -> contextlib.AbstractContextManager[None]:
+        tracker = get_rng_tracker()
+        if MODEL_PARALLEL_RNG in tracker.names() or self.tp_size > 1:
+            return tracker.fork()  # raises a clear error under TP when nobody seeded the stream
+        # TP=1 without model_parallel_seed(): every head is on this rank, the default stream does.
+        return contextlib.nullcontext()
+
+    def forward(
+        self, hidden: torch.Tensor, sep: torch.Tensor, mask: PreparedMask | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the dense bias ``[h]``)."""
+        b, s, _ = hidden.shape
+        mixed = self.query_key_value(hidden)  # [b, s, 3h/w] = [Q_r | K_r | V_r]
+        q, k, v = (
+            t.view(b, s, self.num_heads_per_partition, self.head_dim).transpose(1, 2)
+            for t in mixed.chunk(3, dim=-1)
+        )  # 3 x [b, n/w, s, d]
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if dropout_p > 0.0:
+            with self._dropout_rng():
+                context = attention(
+                    q,
+                    k,
+                    v,
+                    sep,
+                    backend=self.backend,
+                    dropout_p=dropout_p,
+                    training=True,
+                    mask=mask,
+                )
+        else:
+            context = attention(q, k, v, sep, backend=self.backend, mask=mask)
+        context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h/w]
+        return self.dense(context)  # ([b, s, h], [h])
+
+
+class ParallelMLP(nn.Module):
+    """h -> 4h (column-parallel) -> GeLU-tanh -> h (row-parallel)."""
+
+    def __init__(self, config: GLMConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.ffn_hidden_size
+        assert f is not None
+        self.fused_bias_gelu = config.fused_bias_gelu
+        self.dense_h_to_4h = ColumnParallelLinear(h, f, tp_group, skip_bias_add=True)
+        self.dense_4h_to_h = RowParallelLinear(f, h, tp_group, skip_bias_add=True)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the bias ``[h]``)."""
+        intermediate, bias = self.dense_h_to_4h(hidden)  # [b, s, f/w], [f/w]
+        gelu = bias_gelu if self.fused_bias_gelu else bias_gelu_reference
+        intermediate = gelu(bias, intermediate)
+        return self.dense_4h_to_h(intermediate)  # ([b, s, h], [h])
+
+
+class GLMLayer(nn.Module):
+    """``x + Dropout(Attn(LN1(x)))`` then ``x + Dropout(MLP(LN2(x)))``.
+
+    ``layer_number`` is 0-based and only names the parameters for initialisation:
+    ``transformer.layers.{layer_number}.*``. The layer initialises itself, so a pipeline stage
+    holding layers 4-7 gets exactly the weights the full model has there.
+    """
+
+    def __init__(
+        self,
+        config: GLMConfig,
+        layer_number: int,
+        tp_group: dist.ProcessGroup | None = None,
+        init: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 <= layer_number < config.num_layers:
+            raise ValueError(
+                f"layer_number must be in [0, {config.num_layers}), got {layer_number}"
+            )
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.fused_bias_dropout_add = config.fused_bias_dropout_add
+        self.input_layernorm = make_replicated_layer_norm(config)
+        self.attention = ParallelSelfAttention(config, tp_group)
+        self.post_attention_layernorm = make_replicated_layer_norm(config)
+        self.mlp = ParallelMLP(config, tp_group)
+        if init:
+            initialize_parameters(self, config, self.canonical_prefix, tp_group)
+
+    @property
+    def canonical_prefix(self) -> str:
+        return f"transformer.layers.{self.layer_number}."
+
+    def _residual(
+        self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+    ) -> torch.Tensor:
+        prob = self.hidden_dropout
+        if self.fused_bias_dropout_add:
+            return bias_dropout_add(out, bias, residual, prob, self.training)
+        return bias_dropout_add_reference(out, bias, residual, prob, self.training)
+
+    def forward(
+        self, hidden: torch.Tensor, sep: torch.Tensor, mask: PreparedMask | None = None
+    ) -> torch.Tensor:
+        """``hidden [b, s, h]``, ``sep [b]`` -> ``[b, s, h]``. ``mask`` is an optional mask
+        prepared once per forward (``prepare_attention_mask``) for the same ``sep``."""
+        out, bias = self.attention(self.input_layernorm(hidden), sep, mask)
+        hidden = self._residual(out, bias, hidden)
+        out, bias = self.mlp(self.post_attention_layernorm(hidden))
+        return self._residual(out, bias, hidden)  # [b, s, h]

@@ -1,0 +1,185 @@
+"""Attention backends against the dense reference, and the dense reference against the spec."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_glm.kernels import allowed_mask, attention, prepare_attention_mask, resolve_backend
+
+
+def _inputs(
+    b: int, n: int, sq: int, sk: int, d: int, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, s, d, generator=g).to(dtype) for s in (sq, sk, sk))
+    return q, k, v
+
+
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: list[int]) -> torch.Tensor:
+    """Spec §2 written out per query: softmax over exactly the allowed keys (no mask value)."""
+    b, n, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for i in range(sq):
+            pos = i + sk - sq
+            keys = [j for j in range(sk) if j < sep[bi] or j <= pos]
+            scores = torch.einsum("nd,nkd->nk", q[bi, :, i], k[bi, :, keys]) / math.sqrt(d)
+            out[bi, :, i] = torch.einsum("nk,nkd->nd", torch.softmax(scores, -1), v[bi, :, keys])
+    return out
+
+
+CASES = [
+    # (sq, sk, sep): full sequences (sep at 0, middle, sk) and KV-cache queries (sq < sk)
+    (9, 9, [0, 4]),
+    (9, 9, [9, 1]),
+    (3, 11, [5, 0]),
+    (1, 7, [7, 2]),
+]
+
+
+@pytest.mark.parametrize("sq,sk,sep", CASES)
+def test_dense_reference_matches_spec(sq: int, sk: int, sep: list[int]) -> None:
+    q, k, v = _inputs(2, 2, sq, sk, 8)
+    out = attention(q, k, v, torch.tensor(sep), backend="dense")
+    torch.testing.assert_close(out, _explicit(q, k, v, sep), rtol=1e-5, atol=1e-6)
+
+
+def test_allowed_mask_is_shared_over_heads() -> None:
+    mask = allowed_mask(torch.tensor([2, 0]), 4, 4)
+    assert mask.shape == (2, 1, 4, 4) and mask.dtype == torch.bool
+    expected0 = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=bool)
+    assert torch.equal(mask[0, 0], expected0)
+    assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=bool).tril())
+
+
+@pytest.mark.parametrize("sq,sk,sep", CASES)
+def test_sdpa_matches_dense_forward_and_backward_fp32(sq: int, sk: int, sep: list[int]) -> None:
+    q, k, v = _inputs(2, 3, sq, sk, 16, seed=1)
+    sep_t = torch.tensor(sep)
+    grads = []
+    outs = []
+    for backend in ("dense", "sdpa"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, sep_t, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g_sdpa, g_dense in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_sdpa, g_dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sq,sk,sep", CASES)
+def test_flex_forward_matches_dense_on_cpu(sq: int, sk: int, sep: list[int]) -> None:
+    q, k, v = _inputs(2, 2, sq, sk, 16, seed=2)
+    sep_t = torch.tensor(sep)
+    with torch.no_grad():
+        ref = attention(q, k, v, sep_t, backend="dense")
+        out = attention(q, k, v, sep_t, backend="flex")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_has_no_cpu_backward() -> None:
+    q, k, v = _inputs(1, 2, 8, 8, 16)
+    q.requires_grad_()
+    with pytest.raises(NotImplementedError, match="no backward on cpu"):
+        attention(q, k, v, torch.tensor([3]), backend="flex")
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_torch_flex_itself_has_no_cpu_backward() -> None:
+    # Why the backend refuses: torch 2.13's own flex_attention raises for CPU inputs needing grad.
+    # If this starts failing, torch gained a CPU backward: lift the restriction and the docs.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = _inputs(1, 2, 8, 8, 16)
+    q.requires_grad_()
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        flex_attention(q, k, v)
+
+
+def test_flex_rejects_dropout_in_training() -> None:
+    q, k, v = _inputs(1, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention(q, k, v, torch.tensor([3]), backend="flex", dropout_p=0.1, training=True)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_bf16_backends_match_dense_within_tolerance(backend: str) -> None:
+    # bf16 keeps 8 mantissa bits (relative step 2**-8 = 0.4%); the backends round in different
+    # places (dense rounds the scores and probabilities to bf16, the others accumulate in fp32),
+    # so they agree with each other to a few bf16 steps of the O(1) outputs: atol 3e-2.
+    q, k, v = _inputs(2, 4, 32, 32, 32, dtype=torch.bfloat16, seed=3)
+    sep = torch.tensor([10, 25])
+    with torch.no_grad():
+        ref32 = attention(q.float(), k.float(), v.float(), sep, backend="dense")
+        ref = attention(q, k, v, sep, backend="dense")
+        out = attention(q, k, v, sep, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2)
+    # and both are close to the fp32 computation of the same bf16 inputs
+    torch.testing.assert_close(out.float(), ref32, rtol=0, atol=3e-2)
+
+
+def test_auto_is_sdpa_on_cpu_and_prepared_mask_is_reused() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), dropout_active=True) == "sdpa"
+    assert resolve_backend("auto", torch.device("cpu"), dropout_active=True) == "dense"
+    q, k, v = _inputs(2, 2, 6, 6, 8)
+    sep = torch.tensor([2, 5])
+    mask = prepare_attention_mask(sep, 6, 6, "auto")
+    assert mask.backend == "sdpa" and mask.dense is not None and mask.dense.shape == (2, 1, 6, 6)
+    torch.testing.assert_close(
+        attention(q, k, v, sep, mask=mask),
+        attention(q, k, v, sep, backend="dense"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("backend", ["dense", "sdpa"])
+def test_dropout_only_in_training(backend: str) -> None:
+    q, k, v = _inputs(2, 2, 16, 16, 8)
+    sep = torch.tensor([4, 9])
+    plain = attention(q, k, v, sep, backend=backend)
+    evaluated = attention(q, k, v, sep, backend=backend, dropout_p=0.5, training=False)
+    torch.testing.assert_close(evaluated, plain)
+    torch.manual_seed(0)
+    dropped = attention(q, k, v, sep, backend=backend, dropout_p=0.5, training=True)
+    torch.manual_seed(0)
+    again = attention(q, k, v, sep, backend=backend, dropout_p=0.5, training=True)
+    assert not torch.allclose(dropped, plain)
+    torch.testing.assert_close(dropped, again)
+
+
+def test_bad_inputs_raise_value_errors_with_values() -> None:
+    q, k, v = _inputs(2, 2, 4, 6, 8)
+    sep = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"q must be 4-D.*\(4, 8\)"):
+        attention(q[0, 0], k, v, sep)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        attention(q, k, v[:, :, :5], sep)
+    with pytest.raises(ValueError, match="disagree"):
+        attention(q, k[:, :1], v[:, :1], sep)
+    with pytest.raises(ValueError, match="more queries than keys"):
+        attention(k, q, q, sep)
+    with pytest.raises(ValueError, match="floating point"):
+        attention(q.long(), k, v, sep)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(q.double(), k, v, sep)
+    with pytest.raises(ValueError, match=r"\[0, 6\].*max 7"):
+        attention(q, k, v, torch.tensor([1, 7]))
+    with pytest.raises(ValueError, match="min -1"):
+        attention(q, k, v, torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"shape \[2\].*\(3,\)"):
+        attention(q, k, v, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        attention(q, k, v, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(q, k, v, sep, backend="flash")
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, k, v, sep, dropout_p=1.0)
