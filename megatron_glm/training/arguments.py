@@ -1,0 +1,452 @@
+"""Megatron-style command line -> validated ``RunConfig``, before any process-group work.
+
+``parse_run_config(argv, world_size)`` parses the flags (model, layout, schedule, checkpoints,
+logging; the data/tokenizer/blank-infilling flags come from ``megatron_glm.config.data``; the
+DeepSpeed flags from ``deepspeed.add_config_arguments``), checks every combination and raises ONE
+``ConfigError`` listing every problem found. docs/training.md is the flag reference.
+
+Model size: ``--preset NAME`` (``megatron_glm.config.model.PRESETS``) fills the architecture;
+explicit flags override it. Vocabulary: ``--vocab-size`` if given, else the tokenizer's size (plus
+the ``[MASKi]``/``[sopi]`` pairs with ``--sentinel-token``), else the preset's; a tokenizer larger
+than the model vocabulary is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from megatron_glm.config.data import DataConfig, add_data_args
+from megatron_glm.config.model import ATTENTION_BACKENDS, PRESETS, GLMConfig
+from megatron_glm.config.training import LOSS_NORMALIZATIONS, LR_DECAY_STYLES, TrainingConfig
+from megatron_glm.training.ds_config import ResolvedDSConfig, load_ds_json, resolve_ds_config
+
+logger = logging.getLogger(__name__)
+
+# Tokens read from the start of each dataset to check that the ids fit the tokenizer (a cheap
+# guard against data made with another tokenizer; the whole file would cost a full read).
+_TOKEN_CHECK_LIMIT = 1 << 24
+
+# Flags whose value overrides the preset, argparse name -> GLMConfig field.
+_MODEL_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_sequence_length",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "attention_backend": "attention_backend",
+    "checkpoint_num_layers": "checkpoint_num_layers",
+}
+
+
+class ConfigError(ValueError):
+    """Every problem of a command line, one per line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) with the configuration:\n  - "
+            + "\n  - ".join(self.problems)
+        )
+
+
+@dataclass
+class RunConfig:
+    """Everything one training launch needs, validated."""
+
+    model: GLMConfig
+    training: TrainingConfig
+    data: DataConfig
+    ds: ResolvedDSConfig
+    world_size: int
+    ds_config_path: str | None = None
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.ds.data_parallel_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "training": self.training.to_dict(),
+            "data": self.data.to_dict(),
+            "deepspeed": self.ds.config,
+            "world_size": self.world_size,
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_glm.py",
+        description="Pretrain GLM (autoregressive blank infilling) with DeepSpeed. "
+        "Flags are Megatron's/the official GLM's; see docs/training.md.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model size preset; explicit model flags override it",
+    )
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4 * hidden size")
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        help="model vocabulary before padding (default: the tokenizer's size)",
+    )
+    g.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        help="largest position (default: the preset's, else --seq-length)",
+    )
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    g.add_argument("--hidden-dropout", type=float)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
+    g.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="recompute each layer's activations in backward (RNG-tracked)",
+    )
+    g.add_argument("--checkpoint-num-layers", type=int)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+    g = p.add_argument_group("iterations and learning rate")
+    g.add_argument("--train-iters", type=int, default=None, required=False)
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="save and stop at the next multiple of this iteration",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: optimizer.params.lr of the DeepSpeed JSON)",
+    )
+    g.add_argument("--min-lr", type=float, default=None, help="final LR (sets the decay ratio)")
+    g.add_argument("--lr-decay-ratio", type=float, default=0.1, help="final LR / peak LR")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=0.01,
+        help="warmup length as a fraction of the decay iterations",
+    )
+    g.add_argument(
+        "--loss-normalization",
+        choices=LOSS_NORMALIZATIONS,
+        default="global",
+        help="global: mean over all loss tokens of the global batch (GLM_SPEC §5); "
+        "micro-batch: the official per-micro-batch mean",
+    )
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument(
+        "--load",
+        default=None,
+        help="resume from the newest complete checkpoint here (missing/empty: fresh)",
+    )
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-k", type=int, default=None, help="delete older checkpoints")
+    g.add_argument(
+        "--no-load-rng",
+        action="store_true",
+        help="resume without restoring the RNG streams (the run will not repeat bit "
+        "for bit; for experiments and tests)",
+    )
+
+    g = p.add_argument_group("validation and logging")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-json", default=None, help="append one JSON object per logged step")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--no-progress-bar", action="store_true")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="per-device peak TFLOP/s for the MFU estimate (default: known GPUs)",
+    )
+    # The deepspeed launcher passes --local_rank; torchrun exports LOCAL_RANK instead.
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    add_data_args(p)  # --data-path --split --seq-length --seed --tokenizer-* and the GLM knobs
+    import deepspeed  # deferred: importing deepspeed is slow and only the parser needs it here
+
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def _model_config(
+    args: argparse.Namespace, tokenizer_vocab: int | None, problems: list[str]
+) -> GLMConfig | None:
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    explicit = {
+        field: getattr(args, flag)
+        for flag, field in _MODEL_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    values.update(explicit)
+    if args.checkpoint_activations:
+        values["checkpoint_activations"] = True
+    if "vocab_size" not in explicit and tokenizer_vocab is not None:
+        values["vocab_size"] = tokenizer_vocab
+    values.setdefault("max_sequence_length", args.seq_length)
+    values["seed"] = args.seed
+    missing = [
+        f"--{flag.replace('_', '-')}"
+        for flag in ("num_layers", "hidden_size", "num_attention_heads")
+        if flag not in values
+    ]
+    if "vocab_size" not in values:
+        missing.append("--vocab-size (or a tokenizer)")
+    if missing:
+        problems.append(f"model size not given: pass --preset or {', '.join(missing)}")
+        return None
+    try:
+        return GLMConfig(**values)
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+        return None
+
+
+def _check_layout(model: GLMConfig, tp: int, pp: int, world_size: int, problems: list[str]) -> None:
+    if tp < 1 or pp < 1:
+        return  # reported by TrainingConfig
+    if model.num_attention_heads % tp:
+        problems.append(
+            f"tensor-model-parallel-size {tp} does not divide num-attention-heads "
+            f"{model.num_attention_heads}"
+        )
+    if model.padded_vocab_size % tp:
+        problems.append(
+            f"tensor-model-parallel-size {tp} does not divide the padded vocabulary "
+            f"{model.padded_vocab_size} (make --make-vocab-size-divisible-by a multiple of it)"
+        )
+    if model.ffn_hidden_size % tp:
+        problems.append(
+            f"tensor-model-parallel-size {tp} does not divide ffn-hidden-size "
+            f"{model.ffn_hidden_size}"
+        )
+    if pp > model.num_layers:
+        problems.append(
+            f"pipeline-model-parallel-size {pp} is larger than num-layers "
+            f"{model.num_layers}: every stage needs at least one layer"
+        )
+    if world_size % (tp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by tensor-model-parallel-size "
+            f"{tp} * pipeline-model-parallel-size {pp} = {tp * pp}"
+        )
+
+
+def _check_data(data: DataConfig, tokenizer_vocab: int | None, problems: list[str]) -> None:
+    from megatron_glm.data.indexed_dataset import IndexedDataset, best_dtype
+
+    if not data.data_path:
+        problems.append("--data-path is required")
+        return
+    if data.tokenizer_type is None:
+        problems.append(
+            "--tokenizer-type is required (the data's tokenizer: its command tokens "
+            "drive blank infilling)"
+        )
+    try:
+        weighted = data.weighted_paths
+    except ValueError as err:
+        problems.append(str(err))
+        return
+    for _, prefix in weighted:
+        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+        if missing:
+            problems.append(f"data prefix {prefix!r}: missing {', '.join(missing)}")
+            continue
+        try:
+            ds = IndexedDataset(prefix)
+        except (OSError, ValueError) as err:
+            problems.append(f"data prefix {prefix!r}: {err}")
+            continue
+        if tokenizer_vocab is None:
+            continue
+        if ds.dtype.kind not in "iu" or np.iinfo(ds.dtype).max < tokenizer_vocab - 1:
+            problems.append(
+                f"data prefix {prefix!r} holds {ds.dtype} tokens, too narrow for the "
+                f"tokenizer's {tokenizer_vocab} ids (expected "
+                f"{np.dtype(best_dtype(tokenizer_vocab))})"
+            )
+            continue
+        head = ds._tokens[:_TOKEN_CHECK_LIMIT]  # noqa: SLF001 - read-only view of the .bin
+        if head.size and int(head.max()) >= tokenizer_vocab:
+            problems.append(
+                f"data prefix {prefix!r} contains token id {int(head.max())}, outside "
+                f"the tokenizer's vocabulary of {tokenizer_vocab}: the data was made "
+                "with a different tokenizer"
+            )
+
+
+def _tokenizer_vocab(data: DataConfig, problems: list[str]) -> int | None:
+    if data.tokenizer_type is None:
+        return None
+    from megatron_glm.data.tokenizers import build_tokenizer
+
+    try:
+        tok = build_tokenizer(
+            data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        problems.append(f"tokenizer: {err}")
+        return None
+    return int(tok.vocab_size)
+
+
+def build_run_config(
+    args: argparse.Namespace, world_size: int, *, cuda: bool | None = None, check_data: bool = True
+) -> RunConfig:
+    """Validate ``args`` for a job of ``world_size`` processes; ``ConfigError`` lists every problem."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    problems: list[str] = []
+    training: TrainingConfig | None = None
+    train_iters = args.train_iters
+    if train_iters is None:
+        problems.append("--train-iters is required")
+        train_iters = 1
+    training_values = dict(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        train_iters=train_iters,
+        exit_interval=args.exit_interval,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        lr_decay_ratio=args.lr_decay_ratio,
+        lr_decay_style=args.lr_decay_style,
+        lr_decay_iters=args.lr_decay_iters,
+        warmup=args.warmup,
+        loss_normalization=args.loss_normalization,
+        save=args.save,
+        load=args.load,
+        load_rng=not args.no_load_rng,
+        save_interval=args.save_interval,
+        keep_last_k=args.keep_last_k,
+        eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters,
+        log_interval=args.log_interval,
+        log_json=args.log_json,
+        tensorboard_dir=args.tensorboard_dir,
+        progress_bar=not args.no_progress_bar,
+        peak_tflops=args.peak_tflops,
+        seed=args.seed,
+    )
+    # problems() without raising, so they join the others in one message
+    probe = TrainingConfig.__new__(TrainingConfig)
+    probe.__dict__.update(training_values)
+    training_problems = probe.problems()
+    problems.extend(training_problems)
+    if not training_problems:
+        training = TrainingConfig(**training_values)
+
+    data: DataConfig | None = None
+    try:
+        data = DataConfig.from_args(args)
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+    tokenizer_vocab = _tokenizer_vocab(data, problems) if data is not None else None
+    # ids the model must embed: the tokenizer's, plus the [MASKi]/[sopi] pairs of sentinel tokens
+    needed_vocab = tokenizer_vocab
+    if tokenizer_vocab is not None and data is not None and data.infilling.sentinel_token:
+        from megatron_glm.data.blank_infilling import fixed_shape_plan
+
+        max_spans = fixed_shape_plan(data.seq_length, data.infilling).max_spans
+        needed_vocab = tokenizer_vocab + 2 * (max_spans - 1)
+    model = _model_config(args, needed_vocab, problems)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if model is not None:
+        _check_layout(model, tp, pp, world_size, problems)
+        if needed_vocab is not None and needed_vocab > model.vocab_size:
+            sentinels = (
+                ""
+                if needed_vocab == tokenizer_vocab
+                else (f" (with {needed_vocab - tokenizer_vocab} sentinel tokens)")
+            )
+            problems.append(
+                f"the tokenizer has {needed_vocab} tokens{sentinels}, more than the model "
+                f"vocabulary --vocab-size {model.vocab_size}"
+            )
+        if data is not None and data.seq_length > model.max_sequence_length:
+            problems.append(
+                f"seq-length {data.seq_length} is larger than "
+                f"max-position-embeddings {model.max_sequence_length}"
+            )
+    if data is not None and check_data:
+        _check_data(data, tokenizer_vocab, problems)
+    no_valid = data is not None and data.split_fractions[1] == 0
+    if training is not None and training.eval_interval and no_valid:
+        problems.append(
+            f"--eval-interval {training.eval_interval} but --split {data.split!r} "
+            "leaves no validation data"
+        )
+
+    ds: ResolvedDSConfig | None = None
+    ds_path = getattr(args, "deepspeed_config", None)
+    if not ds_path:
+        problems.append(
+            "--deepspeed_config (the DeepSpeed JSON: batch sizes, optimizer, "
+            "ZeRO, precision) is required"
+        )
+    else:
+        raw, ds_problems = load_ds_json(ds_path)
+        problems.extend(ds_problems)
+        divisible = tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0
+        if raw is not None:
+            ds, ds_problems = resolve_ds_config(
+                raw,
+                data_parallel_size=world_size // (tp * pp) if divisible else None,
+                pipeline_parallel_size=pp,
+                cli_lr=args.lr,
+                cuda=cuda,
+            )
+            problems.extend(ds_problems)
+            if ds is not None and args.min_lr is not None and args.min_lr > ds.peak_lr:
+                problems.append(f"--min-lr {args.min_lr} is larger than the peak LR {ds.peak_lr}")
+    if problems:
+        raise ConfigError(problems)
+    assert model is not None and training is not None and data is not None and ds is not None
+    if training.lr is None:
+        training = dataclasses.replace(training, lr=ds.peak_lr)
+    return RunConfig(
+        model=model,
+        training=training,
+        data=data,
+        ds=ds,
+        world_size=world_size,
+        ds_config_path=ds_path,
+    )
+
+
+def parse_run_config(argv: Sequence[str] | None, world_size: int, **kwargs: Any) -> RunConfig:
+    """Parse and validate a command line (``argv`` without the program name)."""
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    return build_run_config(args, world_size, **kwargs)

@@ -1,0 +1,258 @@
+"""The pretraining loop: set-up, resume, iterations, validation, logging, checkpoints, exit.
+
+``pretrain(run)`` is everything after the command line was validated and ``torch.distributed``
+started. It resumes from the newest complete checkpoint under ``--load`` (none: a fresh start,
+logged), trains until ``--train-iters`` or the next multiple of ``--exit-interval``, and saves on
+``--save-interval`` and when it stops. Exact resume: model/optimizer/scheduler state (DeepSpeed),
+the consumed-sample count (the data order is a pure function of the sample index) and every rank's
+RNG streams, restored right before the first iteration, so a resumed run repeats the uninterrupted
+one bit for bit.
+
+Hooks (``TrainingHooks``) are the seams for fault injection and monitoring: ``on_step_end(iteration,
+stats)`` after every iteration and ``on_save(iteration, tag_dir)`` after this rank's checkpoint
+files are written but before the checkpoint is published. ``MEGATRON_GLM_HOOKS=module:function``
+names a function that receives the hooks object and registers callables on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_glm.parallel.random import get_all_rng_states, set_all_rng_states
+from megatron_glm.parallel.topology import ParallelTopology
+from megatron_glm.training.arguments import RunConfig
+from megatron_glm.training.checkpointing import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_glm.training.engine import StepStats, Trainer
+from megatron_glm.training.metrics import (
+    TrainLogger,
+    device_peak_tflops,
+    flops_per_token,
+    memory_gib,
+)
+
+logger = logging.getLogger(__name__)
+
+HOOKS_ENV = "MEGATRON_GLM_HOOKS"
+
+
+@dataclass
+class TrainingHooks:
+    on_step_end: list[Callable[[int, StepStats], None]] = field(default_factory=list)
+    on_save: list[Callable[[int, Path], None]] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls) -> TrainingHooks:
+        hooks = cls()
+        spec = os.environ.get(HOOKS_ENV)
+        if spec:
+            module_name, _, attr = spec.partition(":")
+            if not attr:
+                raise ValueError(f"{HOOKS_ENV}={spec!r} must look like 'package.module:function'")
+            getattr(importlib.import_module(module_name), attr)(hooks)
+        return hooks
+
+    def _run_save_hooks(self, iteration: int, tag_dir: Path) -> None:
+        for hook in self.on_save:
+            hook(iteration, tag_dir)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf outside fp16 (where loss scaling would skip the step instead)."""
+
+
+def _data(run: RunConfig, groups: Any) -> tuple[Any, Any, Any]:
+    from megatron_glm.data.blank_infilling import BlankInfillingCollator
+    from megatron_glm.data.glm_dataset import build_glm_datasets
+    from megatron_glm.data.tokenizers import build_tokenizer
+
+    d = run.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    t, gbs = run.training, run.ds.train_batch_size
+    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
+    # Rank 0 builds the sample-index caches first; the others then read them.
+    if groups.rank != 0:
+        dist.barrier()
+    train_ds, valid_ds, _ = build_glm_datasets(d, tokenizer, num_samples)
+    if groups.rank == 0:
+        dist.barrier()
+    collator = BlankInfillingCollator(d.infilling, tokenizer, d.seq_length, d.seed)
+    return train_ds, valid_ds, collator
+
+
+def _loader(
+    run: RunConfig, groups: Any, dataset: Any, collator: Any, consumed: int, num_workers: int
+) -> Iterator[dict[str, Any]]:
+    from megatron_glm.data.loader import build_pretraining_data_loader
+
+    return iter(
+        build_pretraining_data_loader(
+            dataset,
+            collator,
+            run.ds.micro_batch_size,
+            groups.dp_rank,
+            groups.dp_size,
+            consumed_samples=consumed,
+            num_workers=num_workers,
+            seed=run.data.seed,
+        )
+    )
+
+
+def _agree_on_checkpoint(run: RunConfig, rank: int) -> Any:
+    """Rank 0 picks the checkpoint (one view of the file system), everyone uses its choice."""
+    choice = [find_latest_checkpoint(run.training.load) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
+    """Train; returns the last completed iteration. Every rank calls it."""
+    hooks = hooks if hooks is not None else TrainingHooks.from_env()
+    t, ds = run.training, run.ds
+    rank = dist.get_rank()
+    topology = ParallelTopology(
+        run.world_size, t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+    )
+    groups = topology.build_groups(rank)
+    train_ds, valid_ds, collator = _data(run, groups)
+    trainer = Trainer(run, groups)
+
+    iteration, consumed, rng_states = 0, 0, None
+    ref = _agree_on_checkpoint(run, rank) if t.load else None
+    if ref is not None:
+        layout = (t.tensor_model_parallel_size, t.pipeline_model_parallel_size)
+        loaded = load_checkpoint(trainer.engine, ref, layout=layout)
+        iteration, consumed, rng_states = (
+            loaded.iteration,
+            loaded.consumed_samples,
+            loaded.rng_states,
+        )
+        if rank == 0:
+            logger.info(
+                "resumed from %s: iteration %d, %d samples consumed", ref.path, iteration, consumed
+            )
+    elif rank == 0:
+        logger.info("no checkpoint under --load %r: starting fresh", t.load)
+
+    stop = t.stop_iteration(iteration)
+    train_iter = _loader(run, groups, train_ds, collator, consumed, run.data.num_workers)
+    log = TrainLogger(
+        rank=rank,
+        log_json=t.log_json,
+        tensorboard_dir=t.tensorboard_dir,
+        progress_bar=t.progress_bar,
+        start_iteration=iteration,
+        stop_iteration=stop,
+    )
+    tokens_per_iter = ds.train_batch_size * run.data.seq_length
+    flops_per_iter = flops_per_token(run.model, run.data.seq_length) * tokens_per_iter
+    peak = device_peak_tflops(t.peak_tflops)
+    config_dict = run.to_dict()
+
+    def save(at: int) -> None:
+        save_checkpoint(
+            trainer.engine,
+            t.save,
+            at,
+            consumed_samples=consumed,
+            config=config_dict,
+            rng_states=get_all_rng_states(),
+            keep_last_k=t.keep_last_k,
+            on_written=hooks._run_save_hooks,
+        )
+
+    # Restore the streams last: everything above (model init, data set-up) may draw numbers.
+    if rng_states is not None and t.load_rng:
+        set_all_rng_states(rng_states)
+    elif ref is not None and rank == 0:
+        logger.warning("RNG streams not restored: the resumed run differs from the original")
+
+    last_saved = iteration if ref is not None else -1
+    window_start, window_iters = time.perf_counter(), 0
+    try:
+        while iteration < stop:
+            micro_batches = [next(train_iter) for _ in range(ds.gradient_accumulation_steps)]
+            stats = trainer.train_step(micro_batches)
+            iteration += 1
+            consumed += ds.train_batch_size
+            window_iters += 1
+            log.advance(stats.loss)
+            for hook in hooks.on_step_end:
+                hook(iteration, stats)
+            fatal = not math.isfinite(stats.loss) and ds.precision != "fp16"
+            if iteration % t.log_interval == 0 or iteration == stop or fatal:
+                elapsed = time.perf_counter() - window_start
+                per_iter = elapsed / window_iters
+                tflops = flops_per_iter / per_iter / run.world_size / 1e12
+                log.log_train(
+                    {
+                        "step": iteration,
+                        "loss": stats.loss,
+                        "lr": stats.lr,
+                        "grad_norm": stats.grad_norm,
+                        "loss_scale": stats.loss_scale,
+                        "skipped_steps": stats.skipped_steps,
+                        "consumed_samples": consumed,
+                        "iteration_time_s": per_iter,
+                        "tokens_per_s": tokens_per_iter / per_iter,
+                        "tflops": tflops,
+                        "mfu": None if peak is None else tflops / peak,
+                        "memory": memory_gib(),
+                    }
+                )
+                window_start, window_iters = time.perf_counter(), 0
+            if fatal:
+                raise NonFiniteLossError(
+                    f"loss is {stats.loss} at iteration {iteration} ({ds.precision}); nothing "
+                    "was saved for it, the last complete checkpoint is untouched"
+                )
+            if t.eval_interval and iteration % t.eval_interval == 0 and valid_ds is not None:
+                _validate(run, groups, trainer, valid_ds, collator, log, iteration)
+                window_start, window_iters = time.perf_counter(), 0
+            if t.save and t.save_interval and iteration % t.save_interval == 0:
+                save(iteration)
+                last_saved = iteration
+                window_start, window_iters = time.perf_counter(), 0
+        if t.save and last_saved != iteration:
+            save(iteration)
+    finally:
+        log.close()
+    if rank == 0:
+        logger.info("stopped at iteration %d of %d", iteration, t.train_iters)
+    return iteration
+
+
+def _validate(
+    run: RunConfig,
+    groups: Any,
+    trainer: Trainer,
+    valid_ds: Any,
+    collator: Any,
+    log: TrainLogger,
+    iteration: int,
+) -> None:
+    """``--eval-iters`` global batches from the start of the validation split, per objective."""
+    n = run.training.eval_iters * run.ds.gradient_accumulation_steps
+    it = _loader(run, groups, valid_ds, collator, 0, num_workers=0)
+    stats = trainer.evaluate(next(it) for _ in range(n))
+    total_sum = sum(s for s, _ in stats.values())
+    total_tokens = sum(c for _, c in stats.values())
+    losses = {name: s / max(c, 1) for name, (s, c) in stats.items()}
+    losses["all"] = total_sum / max(total_tokens, 1)
+    tokens = {name: c for name, (_, c) in stats.items()}
+    tokens["all"] = total_tokens
+    log.log_eval(iteration, losses, tokens)
