@@ -1,13 +1,15 @@
 """Install megatron_glm. Install ``torch`` first (``pip install torch==2.13.0`` on CPU) so that
 pip does not pull a CUDA build to satisfy the range below."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="megatron_glm",
     version="0.1.0",
     description="Megatron/DeepSpeed-style distributed trainer for GLM (blank infilling, 2D positions)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -32,7 +32,9 @@ class GLMConfig:
     vocab_size: int
     max_sequence_length: int
     ffn_hidden_size: int | None = None  # 4 * hidden_size when None
-    hidden_dropout: float = 0.1  # embedding and residual-branch dropout (official output_dropout_prob)
+    hidden_dropout: float = (
+        0.1  # embedding and residual-branch dropout (official output_dropout_prob)
+    )
     attention_dropout: float = 0.1
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -46,8 +48,14 @@ class GLMConfig:
     seed: int = 1234  # initialisation seed: weights are a pure function of (seed, parameter name)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                     "max_sequence_length", "checkpoint_num_layers"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "max_sequence_length",
+            "checkpoint_num_layers",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -87,8 +95,12 @@ class GLMConfig:
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
         per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attn, mlp, two LayerNorms
         num_tables = 2 if self.block_position_encoding else 1
-        return (self.padded_vocab_size * h + num_tables * (self.max_sequence_length + 1) * h
-                + L * per_layer + 2 * h)
+        return (
+            self.padded_vocab_size * h
+            + num_tables * (self.max_sequence_length + 1) * h
+            + L * per_layer
+            + 2 * h
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,18 +124,53 @@ class GLMConfig:
 _BERT_VOCAB, _GPT2_VOCAB = 30592, 50304
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-MB model for tests and the CPU quickstart
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1024,
-                 max_sequence_length=128),
-    "base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, vocab_size=_BERT_VOCAB,
-                 max_sequence_length=512),
-    "large": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, vocab_size=_BERT_VOCAB,
-                  max_sequence_length=512),
-    "410m": dict(num_layers=30, hidden_size=1024, num_attention_heads=16, vocab_size=_BERT_VOCAB,
-                 max_sequence_length=512),
-    "515m": dict(num_layers=30, hidden_size=1152, num_attention_heads=18, vocab_size=_BERT_VOCAB,
-                 max_sequence_length=512),
-    "2b": dict(num_layers=36, hidden_size=2048, num_attention_heads=32, vocab_size=_GPT2_VOCAB,
-               max_sequence_length=1024),
-    "10b": dict(num_layers=48, hidden_size=4096, num_attention_heads=64, vocab_size=_GPT2_VOCAB,
-                max_sequence_length=1024),
+    "tiny": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=1024,
+        max_sequence_length=128,
+    ),
+    "base": dict(
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        vocab_size=_BERT_VOCAB,
+        max_sequence_length=512,
+    ),
+    "large": dict(
+        num_layers=24,
+        hidden_size=1024,
+        num_attention_heads=16,
+        vocab_size=_BERT_VOCAB,
+        max_sequence_length=512,
+    ),
+    "410m": dict(
+        num_layers=30,
+        hidden_size=1024,
+        num_attention_heads=16,
+        vocab_size=_BERT_VOCAB,
+        max_sequence_length=512,
+    ),
+    "515m": dict(
+        num_layers=30,
+        hidden_size=1152,
+        num_attention_heads=18,
+        vocab_size=_BERT_VOCAB,
+        max_sequence_length=512,
+    ),
+    "2b": dict(
+        num_layers=36,
+        hidden_size=2048,
+        num_attention_heads=32,
+        vocab_size=_GPT2_VOCAB,
+        max_sequence_length=1024,
+    ),
+    "10b": dict(
+        num_layers=48,
+        hidden_size=4096,
+        num_attention_heads=64,
+        vocab_size=_GPT2_VOCAB,
+        max_sequence_length=1024,
+    ),
 }
