@@ -106,14 +106,6 @@ class GLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GLMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GLMConfig fields: {unknown}")
-        return cls(**values)
-
-    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GLMConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

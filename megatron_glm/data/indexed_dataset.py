@@ -322,10 +322,6 @@ class IndexedDatasetBuilder:
         self._done = False
         self._owner_pid = os.getpid()
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self._sizes)
-
     def _as_tokens(self, ids: Any) -> np.ndarray:
         arr = np.asarray(ids)
         if arr.dtype == self.dtype:

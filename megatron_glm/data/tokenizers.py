@@ -173,7 +173,6 @@ class SentencePieceTokenizer(GLMTokenizer):
         self.model_path = model_path
         self.num_threads = num_threads
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
-        self._meta = meta
         self._validate_metadata(meta, meta_path)
         commands = {name: int(entry["id"]) for name, entry in meta["command_tokens"].items()}
         super().__init__(commands, self._sp.get_piece_size())

@@ -47,11 +47,10 @@ BACKENDS = ("auto", "dense", "sdpa", "flex")
 MASK_VALUE = -65504.0
 
 try:  # flex_attention exists from torch 2.5 on
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     _FLEX_IMPORT_ERROR: str | None = None
 except ImportError as error:  # pragma: no cover - depends on the torch build
-    BlockMask = Any  # type: ignore[misc,assignment]
     _FLEX_IMPORT_ERROR = str(error)
 
 _compiled_flex: Any = None

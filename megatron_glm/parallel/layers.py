@@ -54,6 +54,23 @@ def _partition_size(full: int, world_size: int, stride: int, what: str) -> int:
     return full // world_size
 
 
+def _new_parameter(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    partition_dim: int | None,
+    stride: int = 1,
+) -> nn.Parameter:
+    """An uninitialised parameter (the model fills it) with Megatron's TP attributes: split along
+    ``partition_dim``, or replicated over TP ranks when that is ``None``."""
+    param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+    if partition_dim is None:
+        set_tensor_model_parallel_attributes(param, False)
+    else:
+        set_tensor_model_parallel_attributes(param, True, partition_dim, stride)
+    return param
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x A^T + b`` with ``A [o, i]`` split along o (dim 0): rank r computes ``o/w`` outputs.
 
@@ -91,17 +108,13 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_partition = _partition_size(
             output_size, self.tp_world_size, stride, "ColumnParallelLinear output_size"
         )
-        self.weight = nn.Parameter(
-            torch.empty(
-                self.output_size_per_partition, input_size, dtype=params_dtype, device=device
-            )
+        self.weight = _new_parameter(
+            (self.output_size_per_partition, input_size), params_dtype, device, 0, stride
         )  # [o/w, i]
-        set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
         if bias:
-            self.bias = nn.Parameter(
-                torch.empty(self.output_size_per_partition, dtype=params_dtype, device=device)
+            self.bias = _new_parameter(
+                (self.output_size_per_partition,), params_dtype, device, 0, stride
             )  # [o/w]
-            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
         else:
             self.register_parameter("bias", None)
 
@@ -158,15 +171,11 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_partition = _partition_size(
             input_size, self.tp_world_size, 1, "RowParallelLinear input_size"
         )
-        self.weight = nn.Parameter(
-            torch.empty(
-                output_size, self.input_size_per_partition, dtype=params_dtype, device=device
-            )
+        self.weight = _new_parameter(
+            (output_size, self.input_size_per_partition), params_dtype, device, 1
         )  # [o, i/w]
-        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=params_dtype, device=device))
-            set_tensor_model_parallel_attributes(self.bias, False)
+            self.bias = _new_parameter((output_size,), params_dtype, device, None)  # [o]
         else:
             self.register_parameter("bias", None)
 
@@ -213,12 +222,9 @@ class VocabParallelEmbedding(nn.Module):
         )
         self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
-        self.weight = nn.Parameter(
-            torch.empty(
-                self.num_embeddings_per_partition, embedding_dim, dtype=params_dtype, device=device
-            )
+        self.weight = _new_parameter(
+            (self.num_embeddings_per_partition, embedding_dim), params_dtype, device, 0
         )  # [v/w, h]
-        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_world_size == 1:

@@ -70,7 +70,6 @@ class RunConfig:
     data: DataConfig
     ds: ResolvedDSConfig
     world_size: int
-    ds_config_path: str | None = None
 
     @property
     def data_parallel_size(self) -> int:
@@ -321,6 +320,32 @@ def _tokenizer_vocab(data: DataConfig, problems: list[str]) -> int | None:
     return int(tok.vocab_size)
 
 
+# TrainingConfig fields set from the command-line flag of the same name (the others are derived).
+_TRAINING_FLAGS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "exit_interval",
+    "lr",
+    "min_lr",
+    "lr_decay_ratio",
+    "lr_decay_style",
+    "lr_decay_iters",
+    "warmup",
+    "loss_normalization",
+    "save",
+    "load",
+    "save_interval",
+    "keep_last_k",
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "log_json",
+    "tensorboard_dir",
+    "peak_tflops",
+    "seed",
+)
+
+
 def build_run_config(
     args: argparse.Namespace, world_size: int, *, cuda: bool | None = None, check_data: bool = True
 ) -> RunConfig:
@@ -334,31 +359,11 @@ def build_run_config(
     if train_iters is None:
         problems.append("--train-iters is required")
         train_iters = 1
-    training_values = dict(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    training_values: dict[str, Any] = {name: getattr(args, name) for name in _TRAINING_FLAGS}
+    training_values.update(
         train_iters=train_iters,
-        exit_interval=args.exit_interval,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        lr_decay_ratio=args.lr_decay_ratio,
-        lr_decay_style=args.lr_decay_style,
-        lr_decay_iters=args.lr_decay_iters,
-        warmup=args.warmup,
-        loss_normalization=args.loss_normalization,
-        save=args.save,
-        load=args.load,
         load_rng=not args.no_load_rng,
-        save_interval=args.save_interval,
-        keep_last_k=args.keep_last_k,
-        eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters,
-        log_interval=args.log_interval,
-        log_json=args.log_json,
-        tensorboard_dir=args.tensorboard_dir,
         progress_bar=not args.no_progress_bar,
-        peak_tflops=args.peak_tflops,
-        seed=args.seed,
     )
     # problems() without raising, so they join the others in one message
     probe = TrainingConfig.__new__(TrainingConfig)
@@ -442,7 +447,6 @@ def build_run_config(
         data=data,
         ds=ds,
         world_size=world_size,
-        ds_config_path=ds_path,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.training.helpers import Corpus, launch, read_log, tiny_model_args, write_ds_config
+from tests.training.helpers import Corpus, launch, pretrain_args, read_log, write_ds_config
 
 ITERS = 10
 GLOBAL_BATCH = 4
@@ -47,30 +47,10 @@ LAYOUTS: dict[str, tuple[int, list[str], dict[str, Any]]] = {
 
 
 def _args(corpus: Corpus, ds_config: Path, log: Path, extra: list[str]) -> list[str]:
-    return [
-        *tiny_model_args(),
-        *corpus.data_args(),
-        "--train-iters",
-        str(ITERS),
-        "--warmup",
-        "0.2",
-        "--log-interval",
-        "1",
-        "--bert-prob",
-        "1.0",
-        "--num-workers",
-        "0",
-        "--hidden-dropout",
-        "0",
-        "--attention-dropout",
-        "0",
-        "--no-progress-bar",
-        "--deepspeed_config",
-        str(ds_config),
-        "--log-json",
-        str(log),
-        *extra,
-    ]
+    dropout_off = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    return pretrain_args(
+        corpus, ds_config, log, iters=ITERS, bert_prob=1.0, extra=[*dropout_off, *extra]
+    )
 
 
 def _train(

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,37 +19,22 @@ from typing import Any
 import pytest
 
 from megatron_glm.training.checkpointing import COMPLETE_MARKER, find_latest_checkpoint
-from tests.training.helpers import Corpus, launch, read_log, tiny_model_args, write_ds_config
+from tests.training.helpers import Corpus, launch, pretrain_args, read_log, write_ds_config
 
 ITERS = 8
 
 
-def _args(corpus: Corpus, tmp: Path, ds_config: Path, log: Path, extra: list[str]) -> list[str]:
+def _args(corpus: Corpus, ds_config: Path, log: Path, extra: list[str]) -> list[str]:
     # dropout stays on (the model default 0.1): the RNG streams matter
-    return [
-        *tiny_model_args(),
-        *corpus.data_args(),
-        "--train-iters",
-        str(ITERS),
-        "--warmup",
-        "0.2",
-        "--log-interval",
-        "1",
-        "--bert-prob",
-        "0.5",
-        "--num-workers",
-        "0",
-        "--no-progress-bar",
-        "--eval-interval",
-        "4",
-        "--eval-iters",
-        "1",
-        "--deepspeed_config",
-        str(ds_config),
-        "--log-json",
-        str(log),
-        *extra,
-    ]
+    evaluation = ["--eval-interval", "4", "--eval-iters", "1"]
+    return pretrain_args(
+        corpus, ds_config, log, iters=ITERS, bert_prob=0.5, extra=[*evaluation, *extra]
+    )
+
+
+def _save_and_load(ckpt: Path, *flags: str) -> list[str]:
+    """Flags of a run that saves to and resumes from ``ckpt``."""
+    return ["--save", str(ckpt), "--load", str(ckpt), *flags]
 
 
 def _run(
@@ -70,8 +56,6 @@ def _losses(log: Path) -> dict[int, str]:
 
 
 def _eval_losses(log: Path) -> dict[int, Any]:
-    import json
-
     with open(log, encoding="utf-8") as f:
         return {r["step"]: r["losses"] for r in map(json.loads, f) if r["kind"] == "eval"}
 
@@ -93,15 +77,11 @@ def test_exit_and_relaunch_is_bitwise_exact(
 ) -> None:
     config = write_ds_config(tmp_path / "ds.json", train_batch=4, **ds)
     straight = tmp_path / "straight.jsonl"
-    _run(world_size, _args(glm_corpus, tmp_path, config, straight, extra), tmp_path)
+    _run(world_size, _args(glm_corpus, config, straight, extra), tmp_path)
 
     ckpt, chunked = tmp_path / "ckpt", tmp_path / "chunked.jsonl"
     command = _args(
-        glm_corpus,
-        tmp_path,
-        config,
-        chunked,
-        [*extra, "--save", str(ckpt), "--load", str(ckpt), "--exit-interval", "3"],
+        glm_corpus, config, chunked, [*extra, *_save_and_load(ckpt, "--exit-interval", "3")]
     )
     _run(world_size, command, tmp_path)  # iterations 1-3, saves 3, stops
     assert find_latest_checkpoint(ckpt).iteration == 3
@@ -121,9 +101,7 @@ def test_exit_and_relaunch_is_bitwise_exact(
         resume_dir = tmp_path / "ckpt_at_3"
         _run(
             1,
-            _args(
-                glm_corpus, tmp_path, config, no_rng, ["--load", str(resume_dir), "--no-load-rng"]
-            ),
+            _args(glm_corpus, config, no_rng, ["--load", str(resume_dir), "--no-load-rng"]),
             tmp_path,
         )
         diverged = _losses(no_rng)
@@ -135,16 +113,10 @@ def test_exit_and_relaunch_is_bitwise_exact(
 def test_interrupted_save_is_never_published(mode: str, tmp_path: Path, glm_corpus: Corpus) -> None:
     config = write_ds_config(tmp_path / "ds.json", train_batch=4, micro=2, zero_stage=1)
     straight = tmp_path / "straight.jsonl"
-    _run(2, _args(glm_corpus, tmp_path, config, straight, []), tmp_path)
+    _run(2, _args(glm_corpus, config, straight, []), tmp_path)
 
     ckpt, log = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
-    command = _args(
-        glm_corpus,
-        tmp_path,
-        config,
-        log,
-        ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2"],
-    )
+    command = _args(glm_corpus, config, log, _save_and_load(ckpt, "--save-interval", "2"))
     fault = {
         "MEGATRON_GLM_HOOKS": "tests.training.fault_hooks:install",
         "FAULT_SAVE_ITERATION": "4",
@@ -170,13 +142,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path: Path, glm_corpus: Corpus
     """fp32: a NaN loss stops the run after logging it; the bad state is never saved."""
     config = write_ds_config(tmp_path / "ds.json", train_batch=4, micro=4)
     ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    command = _args(
-        glm_corpus,
-        tmp_path,
-        config,
-        log,
-        ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1"],
-    )
+    command = _args(glm_corpus, config, log, _save_and_load(ckpt, "--save-interval", "1"))
     fault = {
         "MEGATRON_GLM_HOOKS": "tests.training.fault_hooks:nan_loss",
         "FAULT_NAN_ITERATION": "3",

@@ -3,25 +3,17 @@ the bundled corpus, and a small fp32 DeepSpeed JSON."""
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CORPUS = REPO_ROOT / "data" / "python-docs-en.jsonl.gz"
-NUM_DOCUMENTS = 60  # ~170k tokens: plenty for a few steps, seconds to tokenize
+from tests.training.helpers import Corpus, build_corpus
 
 
 @dataclass(frozen=True)
-class TinyCorpus:
-    tokenizer_model: Path
-    data_prefix: Path
+class TinyCorpus(Corpus):
     ds_config: Path
 
     def trainer_args(self, workdir: Path, train_iters: int = 4) -> list[str]:
@@ -37,12 +29,7 @@ class TinyCorpus:
             "64",
             "--max-position-embeddings",
             "64",
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            str(self.tokenizer_model),
-            "--data-path",
-            str(self.data_prefix),
+            *self.data_args(),
             "--split",
             "98,2,0",
             "--num-workers",
@@ -68,52 +55,10 @@ class TinyCorpus:
         ]
 
 
-def _run_tool(args: list[str]) -> None:
-    done = subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-
-
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
     root = tmp_path_factory.mktemp("launch_corpus")
-    subset = root / "docs.jsonl"
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as src, subset.open("w") as dst:
-        dst.writelines(itertools.islice(src, NUM_DOCUMENTS))
-    _run_tool(
-        [
-            "tools/train_tokenizer.py",
-            "--input",
-            str(subset),
-            "--json-keys",
-            "text",
-            "--vocab-size",
-            "1000",
-            "--max-sentences",
-            "20000",
-            "--output-prefix",
-            str(root / "sp1k"),
-        ]
-    )
-    _run_tool(
-        [
-            "tools/preprocess_data.py",
-            "--input",
-            str(subset),
-            "--json-keys",
-            "text",
-            "--append-eod",
-            "--workers",
-            "1",
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            str(root / "sp1k.model"),
-            "--output-prefix",
-            str(root / "docs"),
-        ]
-    )
+    corpus = build_corpus(root, vocab_size=1000, max_sentences=20000)
     ds_config = root / "ds_config.json"
     ds_config.write_text(
         json.dumps(
@@ -128,4 +73,4 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
             }
         )
     )
-    return TinyCorpus(root / "sp1k.model", root / "docs_text_document", ds_config)
+    return TinyCorpus(corpus.tokenizer_model, corpus.data_prefix, ds_config)

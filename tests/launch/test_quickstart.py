@@ -11,14 +11,14 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.launch.conftest import CORPUS, NUM_DOCUMENTS
 from tests.launch.launchers import BIN, REPO_ROOT
+from tests.training.helpers import CORPUS, NUM_DOCS
 
 
 def test_quickstart_script_small(tmp_path: Path) -> None:
     corpus = tmp_path / "docs.jsonl.gz"
     with gzip.open(CORPUS, "rt", encoding="utf-8") as src, gzip.open(corpus, "wt") as dst:
-        dst.writelines(itertools.islice(src, NUM_DOCUMENTS))
+        dst.writelines(itertools.islice(src, NUM_DOCS))
     out = tmp_path / "qs"
     env = {
         **os.environ,

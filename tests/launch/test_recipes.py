@@ -17,43 +17,39 @@ from tests.launch.launchers import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 
-# GLM_SPEC §3 (released recipes) and §1 (sizes, parameter counts).
+# GLM_SPEC §3 (released recipes) and §1 (sizes, parameter counts). Base and Large share the
+# BERT-style objective and optimizer settings; only size, iterations and peak LR differ.
+_BLANK_INFILLING_RECIPE = dict(
+    probs=(1.0, 0.0),
+    task_mask=False,
+    ratio=0.05,
+    warmup=0.05,
+    betas=[0.9, 0.98],
+    eps=1e-6,
+    wd=0.1,
+    micro=16,
+    zero=0,
+)
 EXPECTED = {
     "base": dict(
+        _BLANK_INFILLING_RECIPE,
         layers=12,
         hidden=768,
         heads=12,
         params=109.3e6,
-        probs=(1.0, 0.0),
-        task_mask=False,
         iters=150_000,
         decay=120_000,
         lr=4e-4,
-        ratio=0.05,
-        warmup=0.05,
-        betas=[0.9, 0.98],
-        eps=1e-6,
-        wd=0.1,
-        micro=16,
-        zero=0,
     ),
     "large": dict(
+        _BLANK_INFILLING_RECIPE,
         layers=24,
         hidden=1024,
         heads=16,
         params=334.7e6,
-        probs=(1.0, 0.0),
-        task_mask=False,
         iters=200_000,
         decay=160_000,
         lr=2e-4,
-        ratio=0.05,
-        warmup=0.05,
-        betas=[0.9, 0.98],
-        eps=1e-6,
-        wd=0.1,
-        micro=16,
-        zero=0,
     ),
     "10b": dict(
         layers=48,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,8 @@ from megatron_glm.data.preprocess import (
     split_into_sentences,
 )
 from megatron_glm.data.tokenizers import build_tokenizer
+from tests.tools.cli import REPO, run_tool
 
-REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "python-docs-en.jsonl.gz"
 SP_MODEL = str(REPO / "tests" / "assets" / "tokenizers" / "pydocs_sp1k.model")
 SPEC = TokenizerSpec("SentencePieceTokenizer", tokenizer_model=SP_MODEL)
@@ -39,7 +37,6 @@ BAD_LINES = {
     31: b'{"text": "lone surrogate \\ud800 here"}\n',
     40: b'{"text": "two"} {"text": "objects"}\n',
 }
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,6 @@ def test_on_error_fail_names_the_first_bad_line(tmp_path, dirty_input):
 def test_cli_on_error_fail_exits_nonzero(tmp_path, dirty_input):
     prefix = str(tmp_path / "cli")
     cmd = [
-        sys.executable,
         "tools/preprocess_data.py",
         "--input",
         dirty_input,
@@ -164,20 +160,11 @@ def test_cli_on_error_fail_exits_nonzero(tmp_path, dirty_input):
         SP_MODEL,
         "--no-progress",
     ]
-    failed = subprocess.run(
-        [*cmd, "--on-error", "fail"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
-    )
+    failed = run_tool(*cmd, "--on-error", "fail", timeout=120)
     assert failed.returncode != 0
     assert f"{dirty_input}:3: invalid JSON" in failed.stderr
     assert os.listdir(tmp_path) == []
-    ok = subprocess.run(
-        [*cmd, "--workers", "2", "--append-eod"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = run_tool(*cmd, "--workers", "2", "--append-eod", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "7 bad lines skipped" in ok.stderr and f"{dirty_input}:8: missing key" in ok.stderr
     assert IndexedDataset(prefix + "_text_document").num_documents == NUM_DOCS
@@ -204,13 +191,8 @@ def test_merge_datasets_cli(tmp_path, clean_input, dirty_input):
     a = run(clean_input, str(tmp_path / "a"), append_eod=True).output_prefixes["text"]
     b = run(dirty_input, str(tmp_path / "b"), split_sentences=True).output_prefixes["text"]
     out = str(tmp_path / "ab")
-    result = subprocess.run(
-        [sys.executable, "tools/merge_datasets.py", "--input", a, b, "--output-prefix", out],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_tool(
+        "tools/merge_datasets.py", "--input", a, b, "--output-prefix", out, timeout=120
     )
     assert result.returncode == 0, result.stderr
     da, db, merged = IndexedDataset(a), IndexedDataset(b), IndexedDataset(out)

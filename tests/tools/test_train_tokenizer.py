@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from megatron_glm.data.tokenizers import COMMAND_TOKEN_NAMES, build_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.tools.cli import run_tool
 
 
 def test_train_tokenizer_cli(tmp_path):
     prefix = tmp_path / "tok" / "sp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "tools/train_tokenizer.py",
-            "--input",
-            "data/python-docs-en.jsonl.gz",
-            "--json-keys",
-            "text",
-            "--vocab-size",
-            "700",
-            "--model-type",
-            "bpe",
-            "--max-sentences",
-            "4000",
-            "--output-prefix",
-            str(prefix),
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_tool(
+        "tools/train_tokenizer.py",
+        "--input",
+        "data/python-docs-en.jsonl.gz",
+        "--json-keys",
+        "text",
+        "--vocab-size",
+        "700",
+        "--model-type",
+        "bpe",
+        "--max-sentences",
+        "4000",
+        "--output-prefix",
+        str(prefix),
     )
     assert result.returncode == 0, result.stderr
     for suffix in (".model", ".vocab", ".json"):
@@ -50,21 +37,14 @@ def test_train_tokenizer_cli(tmp_path):
 
 
 def test_train_tokenizer_rejects_too_small_vocab(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "tools/train_tokenizer.py",
-            "--input",
-            "data/python-docs-en.jsonl.gz",
-            "--vocab-size",
-            "50",
-            "--output-prefix",
-            str(tmp_path / "sp"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_tool(
+        "tools/train_tokenizer.py",
+        "--input",
+        "data/python-docs-en.jsonl.gz",
+        "--vocab-size",
+        "50",
+        "--output-prefix",
+        str(tmp_path / "sp"),
     )
     assert result.returncode == 1
     assert "vocab_size 50 must exceed" in result.stderr

@@ -2,7 +2,7 @@
 
 ``build_corpus(root)`` trains a 512-piece sentencepiece tokenizer on a sample of the bundled
 ``data/python-docs-en.jsonl.gz`` and tokenizes its first 60 documents with ``tools/`` (about 10 s),
-once per pytest session (``shared_corpus``). ``launch(world_size, args)`` starts ``world_size``
+once per pytest session (the ``glm_corpus`` fixture; tests/launch builds a 1000-piece one). ``launch(world_size, args)`` starts ``world_size``
 processes of ``pretrain_glm.py`` with the torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), kills them all on timeout, and returns exit codes and output.
 """
@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.distributed.harness import find_free_port
+from tests.tools.cli import REPO, check_tool
 
-REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "python-docs-en.jsonl.gz"
 NUM_DOCS = 60
 
@@ -42,23 +43,12 @@ class Corpus:
         ]
 
 
-def _run_tool(args: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
-
-
-def build_corpus(root: Path) -> Corpus:
-    """Build (or reuse, when a previous call completed) the tiny corpus under ``root``."""
+def build_corpus(root: Path, *, vocab_size: int = 512, max_sentences: int = 5000) -> Corpus:
+    """Build (or reuse, when a previous call completed) the tiny corpus under ``root``: a
+    ``vocab_size``-piece sentencepiece model trained on at most ``max_sentences`` sentences of the
+    first ``NUM_DOCS`` documents, and those documents tokenized with ``--append-eod``."""
     done = root / "DONE"
-    corpus = Corpus(root / "sp512.model", root / "pydocs_text_document")
+    corpus = Corpus(root / f"sp{vocab_size}.model", root / "pydocs_text_document")
     if done.exists():
         return corpus
     root.mkdir(parents=True, exist_ok=True)
@@ -69,35 +59,31 @@ def build_corpus(root: Path) -> Corpus:
     ):
         for _, line in zip(range(NUM_DOCS), src):
             dst.write(line)
-    _run_tool(
-        [
-            "tools/train_tokenizer.py",
-            "--input",
-            str(subset),
-            "--vocab-size",
-            "512",
-            "--max-sentences",
-            "5000",
-            "--output-prefix",
-            str(root / "sp512"),
-        ]
+    check_tool(
+        "tools/train_tokenizer.py",
+        "--input",
+        str(subset),
+        "--vocab-size",
+        str(vocab_size),
+        "--max-sentences",
+        str(max_sentences),
+        "--output-prefix",
+        str(root / f"sp{vocab_size}"),
     )
-    _run_tool(
-        [
-            "tools/preprocess_data.py",
-            "--input",
-            str(subset),
-            "--output-prefix",
-            str(root / "pydocs"),
-            "--append-eod",
-            "--workers",
-            "1",
-            "--no-progress",
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            str(corpus.tokenizer_model),
-        ]
+    check_tool(
+        "tools/preprocess_data.py",
+        "--input",
+        str(subset),
+        "--output-prefix",
+        str(root / "pydocs"),
+        "--append-eod",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(corpus.tokenizer_model),
     )
     done.write_text("ok\n")
     return corpus
@@ -115,6 +101,40 @@ def tiny_model_args(seq_length: int = 64) -> list[str]:
         str(seq_length),
         "--max-position-embeddings",
         str(seq_length),
+    ]
+
+
+def pretrain_args(
+    corpus: Corpus,
+    ds_config: Path,
+    log: Path,
+    *,
+    iters: int,
+    bert_prob: float,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``pretrain_glm.py`` flags of the multi-process trainer tests: the tiny model on ``corpus``
+    for ``iters`` iterations, a ``--log-json`` record per iteration in ``log``, no data workers, no
+    progress bar; ``extra`` comes last."""
+    return [
+        *tiny_model_args(),
+        *corpus.data_args(),
+        "--train-iters",
+        str(iters),
+        "--warmup",
+        "0.2",
+        "--log-interval",
+        "1",
+        "--bert-prob",
+        str(bert_prob),
+        "--num-workers",
+        "0",
+        "--no-progress-bar",
+        "--deepspeed_config",
+        str(ds_config),
+        "--log-json",
+        str(log),
+        *extra,
     ]
 
 
