@@ -5,7 +5,7 @@ construction in the style of the official ``blocklm_utils.py``: ``random.Random`
 and per sample, span lengths with ``random.choices``, documents / sentences / Part A / Part B /
 positions / padding built token by token in Python lists, then ``torch.tensor``.
 
-Ours: ``BlankInfillingCollator`` (Philox generators, numpy over tokens, loops only over spans).
+Ours: ``BlankInfillingCollator`` (counter-based SplitMix64 draws, numpy over tokens, loops only over spans).
 
 Same raw samples (synthetic documents of 30..1500 tokens packed as ``[CLS] doc [eos] ...``, a
 sentence end every ~12 tokens), same 10B mixture (bert 0.5 / sentence 0.3 / gpt 0.2, task masks,

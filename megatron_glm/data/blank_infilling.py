@@ -44,10 +44,13 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (integer array arithmetic wraps silently)."""
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return z ^ (z >> _S31)
+    """SplitMix64's finaliser, in place on a fresh uint64 array (integer arithmetic wraps)."""
+    z ^= z >> _S30
+    z *= _MIX1
+    z ^= z >> _S27
+    z *= _MIX2
+    z ^= z >> _S31
+    return z
 
 
 def _stream_head(seed: int, stream: int) -> np.ndarray:
@@ -57,16 +60,38 @@ def _stream_head(seed: int, stream: int) -> np.ndarray:
     return np.array([z ^ (z >> 31)], dtype=np.uint64)
 
 
+def _keys(seed: int, index: Any, stream: int) -> np.ndarray:
+    """The per-(seed, index, stream) SplitMix64 key: compute once per sample, draw per counter."""
+    return _mix64(
+        _stream_head(seed % (1 << 64), stream) ^ np.array(index, ndmin=1).astype(np.uint64)
+    )
+
+
+def _bits53(key: np.ndarray, counter: Any) -> np.ndarray:
+    """53 random bits (uint64) of draw ``counter`` under ``key``, elementwise (broadcast)."""
+    z = _mix64(key + (np.array(counter, ndmin=1).astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+    z >>= np.uint64(11)
+    return z
+
+
 def uniform(seed: int, index: Any, stream: int, counter: Any) -> np.ndarray:
     """U[0, 1) as a pure function of (seed, sample index, stream, counter), elementwise over the
     broadcast of ``index`` and ``counter`` (at least 1-d): the SplitMix64 sequence of a
     per-(seed, index, stream) key, so no generator object and no state to carry across workers or
     restarts."""
-    key = _mix64(
-        _stream_head(seed % (1 << 64), stream) ^ np.array(index, ndmin=1).astype(np.uint64)
-    )
-    z = _mix64(key + (np.array(counter, ndmin=1).astype(np.uint64) + np.uint64(1)) * _GOLDEN)
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return _unit(_bits53(_keys(seed, index, stream), counter))
+
+
+def _unit(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _sort_in_groups(groups: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """``np.lexsort((bits, groups))`` for groups < 2^11 and 53-bit keys, as one stable uint64 sort
+    (the same permutation: a stable sort of the concatenated key)."""
+    if groups.size and int(groups.max()) >= 1 << 11:
+        return np.lexsort((bits, groups))
+    return np.argsort((groups.astype(np.uint64) << np.uint64(53)) | bits, kind="stable")
 
 
 @dataclass(eq=False)
@@ -191,11 +216,16 @@ def _group_exclusive_cumsum(values: np.ndarray, groups: np.ndarray) -> np.ndarra
     return excl - excl[_group_starts(groups)] if values.size else excl
 
 
-def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and lengths of the runs of True in a flat bool array."""
-    edges = np.diff(flags.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    return starts, np.flatnonzero(edges == -1) - starts
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of True in each row of a [b, N] bool array: (row, start column, length), row-major."""
+    b, width = flags.shape
+    # rows laid out with one False column in front (and one False at the very end), so every run
+    # starts and ends at a change of value: the changes alternate start, end
+    buf = np.zeros(b * (width + 1) + 1, dtype=bool)
+    buf[: b * (width + 1)].reshape(b, width + 1)[:, 1:] = flags
+    edges = np.flatnonzero(buf[1:] != buf[:-1]) + 1
+    starts, ends = edges[0::2], edges[1::2]
+    return starts // (width + 1), starts % (width + 1) - 1, ends - starts
 
 
 @dataclass
@@ -237,6 +267,9 @@ class BlankInfillingCollator:
             else (self.ids.mask,) * 3
         )
         self._mask_of = dict(zip(OBJECTIVES, masks))
+        self._columns = np.arange(seq_length)  # [L]
+        # u < p  <=>  53-bit draw < ceil(p 2^53): u is the draw times 2^-53, exactly
+        self._block_mask_bits = np.uint64(math.ceil(config.block_mask_prob * (1 << 53)))
 
     @property
     def sentinel_vocab_size(self) -> int:
@@ -327,14 +360,12 @@ class BlankInfillingCollator:
         ids, (b, width) = self.ids, raws.shape
         lengths, count = self._span_lengths(idx, n, single)
         ok = (raws != ids.cls) & (raws != ids.eos) & (np.arange(width) < (n - 1)[:, None])
-        run_start, run_len = _runs(np.concatenate((ok, np.zeros((b, 1), bool)), axis=1).ravel())
-        run_sample = run_start // (width + 1)
-        run_start = run_start % (width + 1)
+        run_sample, run_start, run_len = _runs(ok)  # [r] maskable runs, grouped by sample
         room = np.bincount(run_sample, weights=run_len, minlength=b).astype(np.int64)
         active = (np.arange(lengths.shape[1]) < count[:, None]) & (room > 0)[:, None]
         sample, slot = np.nonzero(active)  # [s], grouped by sample, drawn order inside
         length = lengths[sample, slot]
-        u_region = uniform(self.seed, idx[sample], _REGION, slot)
+        u_region = _unit(_bits53(_keys(self.seed, idx, _REGION)[sample], slot))
         room_end = np.cumsum(run_len)
         room_begin = room_end - run_len
         first_run = np.searchsorted(run_sample, np.arange(b))
@@ -343,7 +374,9 @@ class BlankInfillingCollator:
         used = np.bincount(run, weights=length + 1, minlength=run_len.size) - 1
         full = np.flatnonzero(used > run_len)
         if full.size:  # re-assign the spans of the samples with an over-full run
-            redo = np.isin(sample, np.unique(run_sample[full]))
+            crowded = np.zeros(b, dtype=bool)
+            crowded[run_sample[full]] = True
+            redo = crowded[sample]
             run, length = run.copy(), length.copy()
             for s in np.unique(sample[redo]).tolist():
                 rows = np.flatnonzero(sample == s)
@@ -359,8 +392,10 @@ class BlankInfillingCollator:
         span_sum = np.bincount(run, weights=length, minlength=run_len.size).astype(np.int64)
         span_count = np.bincount(run, minlength=run_len.size)
         free = run_len - span_sum - span_count + 1
-        place = (uniform(self.seed, idx[sample], _PLACE, slot) * (free[run] + 1)).astype(np.int64)
-        place = place[np.lexsort((place, run))]  # sorted inside each run
+        place = (
+            _unit(_bits53(_keys(self.seed, idx, _PLACE)[sample], slot)) * (free[run] + 1)
+        ).astype(np.int64)
+        place = np.sort(run * (width + 1) + place) - run * (width + 1)  # sorted inside each run
         start = run_start[run] + place + _group_exclusive_cumsum(length + 1, run)
         return _Spans(sample=sample, start=start, length=length)
 
@@ -406,8 +441,9 @@ class BlankInfillingCollator:
         length = np.bincount((np.cumsum(first) - 1)[~special], minlength=flat_start.size)
         sample = flat_start // (width + 1)
         ordinal = np.arange(sample.size) - _group_starts(sample)
-        key = uniform(self.seed, idx[sample], _SENTENCE, ordinal)
-        shuffled = np.lexsort((key, sample))
+        shuffled = _sort_in_groups(
+            sample, _bits53(_keys(self.seed, idx, _SENTENCE)[sample], ordinal)
+        )
         taken = _group_exclusive_cumsum(length[shuffled], sample[shuffled])
         rank = np.arange(sample.size) - _group_starts(sample[shuffled])
         target = (self.config.gap_sentence_ratio * n).astype(np.int64)[sample[shuffled]]
@@ -421,91 +457,84 @@ class BlankInfillingCollator:
 
     def _assemble_blocks(
         self,
-        out: dict[str, np.ndarray],
         raws: np.ndarray,
         n: np.ndarray,
         idx: np.ndarray,
-        rows: np.ndarray,
         spans: _Spans,
+        tail: np.ndarray,
         objective: str,
-    ) -> np.ndarray:
-        """Part A / Part B of official ``make_block_data`` for ``rows``, written into ``out``;
-        returns each span's rank in Part B."""
-        cfg, ids, (b, width) = self.config, self.ids, raws.shape
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Part A / Part B of official ``make_block_data`` for every row: the padded [b, L] arrays
+        and each span's rank in Part B. ``tail`` [s] marks gpt suffix-form spans (official gpt
+        suffix: Part B is ``[sop] + span[:-1] -> span``, no [eop], loss 0 on [CLS] targets).
+        Every row is a prefix Part A (``sep``) + Part B (``used - sep``), so each output is written
+        with two boolean masks over [b, L] whose True cells are in the flat token order."""
+        cfg, ids, (b, width), L = self.config, self.ids, raws.shape, self.plan.seq_length
         s, start, length = spans.sample, spans.start, spans.length
-        in_rows = np.zeros(b, dtype=bool)
-        in_rows[rows] = True
-        # Part A: drop covered tokens, keep each span's first position for its mask token
-        edge = np.bincount(s * (width + 1) + start, minlength=b * (width + 1))
-        edge -= np.bincount(s * (width + 1) + start + length, minlength=edge.size)
-        covered = np.cumsum(edge.reshape(b, width + 1)[:, :width], axis=1) > 0
-        keep = ~covered & (np.arange(width) < n[:, None]) & in_rows[:, None]
-        keep[s, start] = True
-        a_index = np.cumsum(keep, axis=1) - 1  # [b, N] Part A index of each kept position
-        row_k = np.nonzero(keep)[0]
-        out["tokens"][row_k, a_index[keep]] = raws[keep]
-        sep = keep.sum(axis=1)
-        columns = np.arange(out["tokens"].shape[1])
-        out["pos"][rows, 0] = np.where(columns < sep[rows, None], columns, 0)
-        mask_pos = a_index[s, start]  # [s]
+        # Part A: drop span interiors (spans are disjoint and sorted by (sample, start)), keep each
+        # span's first position for its mask token
+        flat_start = s * width + start
+        edge = np.zeros(b * width + 1, np.int8)
+        edge[flat_start + 1] = 1
+        edge[flat_start + length] -= 1  # a length-1 span cancels its own +1
+        interior = np.cumsum(edge[:-1], dtype=np.int8).reshape(b, width)
+        keep = (interior == 0) & (np.arange(width) < n[:, None])
+        sep = n - np.bincount(s, weights=length - 1, minlength=b).astype(np.int64)  # [b]
+        mask_pos = start - _group_exclusive_cumsum(length - 1, s)  # [s] Part A index of the span
+        part_a = raws[keep]  # [sum(sep)] flat, row after row
         # Part B order: random keys per span (its ascending rank in the sample as counter)
         ordinal = np.arange(s.size) - _group_starts(s)
         if cfg.shuffle_blocks:
-            order = np.lexsort((uniform(self.seed, idx[s], _ORDER, ordinal), s))
+            key = _keys(self.seed, idx, _ORDER)[s]
+            order = _sort_in_groups(s, _bits53(key, ordinal))
         else:
             order = np.arange(s.size)
         rank = np.empty(s.size, np.int64)
         rank[order] = ordinal  # ordinal of the sorted position == rank inside the sample
+        mask_at = (np.cumsum(sep) - sep)[s] + mask_pos
         if cfg.sentinel_token and objective == "bert":
-            out["tokens"][s, mask_pos] = ids.sentinel_mask(rank)
+            part_a[mask_at] = ids.sentinel_mask(rank)
         else:
-            out["tokens"][s, mask_pos] = self._mask_of[objective]
-        out["labels"][rows] = out["tokens"][rows]  # Part A labels are Part A; Part B follows
-        seg_len = length[order] + 1
-        seg_sample = s[order]
-        seg_col = sep[seg_sample] + _group_exclusive_cumsum(seg_len, seg_sample)
+            part_a[mask_at] = self._mask_of[objective]
+        # Part B: segment j (Part B order) is [sop] + span -> span + [eop] (tail: one shorter)
+        seg_sample, seg_tail = s[order], tail[order]
+        seg_len = length[order] + 1 - seg_tail
+        seg_begin = np.cumsum(seg_len) - seg_len  # [S] flat Part B offset
         seg = np.repeat(np.arange(order.size), seg_len)  # [t] segment of each Part B token
-        w = np.arange(seg.size) - (np.cumsum(seg_len) - seg_len)[seg]
-        row, col = seg_sample[seg], seg_col[seg] + w
-        src = start[order][seg] + w
-        inputs = raws[row, src - 1]
-        first = w == 0
-        inputs[first] = ids.sentinel_sop(ordinal) if cfg.sentinel_token else ids.sop
-        targets = raws[row, np.minimum(src, width - 1)]
-        targets[w == seg_len[seg] - 1] = ids.eop
+        flat = np.arange(seg.size)
+        w = flat - seg_begin[seg]  # [t] offset inside its segment
+        src = (seg_sample * width + start[order] - seg_begin)[seg] + flat  # flat raw index at w
+        flat_raws = raws.ravel()
+        inputs = flat_raws[src - 1]
+        inputs[seg_begin] = ids.sentinel_sop(ordinal) if cfg.sentinel_token else ids.sop
+        targets = flat_raws.take(src, mode="clip")
+        targets[(seg_begin + seg_len - 1)[~seg_tail]] = ids.eop
+        used = sep + np.bincount(seg_sample, weights=seg_len, minlength=b).astype(np.int64)
         if cfg.block_mask_prob > 0 and objective == "bert":
-            hide = ~first & (uniform(self.seed, idx[row], _BLOCK_MASK, col) < cfg.block_mask_prob)
+            col = (sep[seg_sample] + _group_exclusive_cumsum(seg_len, seg_sample))[seg] + w
+            key = _keys(self.seed, idx, _BLOCK_MASK)[seg_sample][seg]
+            hide = w > 0
+            hide &= _bits53(key, col) < self._block_mask_bits
             inputs[hide] = ids.dblock if ids.dblock is not None else ids.mask
-        out["tokens"][row, col] = inputs
-        out["labels"][row, col] = targets
-        out["loss"][row, col] = 1.0
-        out["pos"][row, 0, col] = (
-            self.plan.seq_length if cfg.sentinel_token else mask_pos[order][seg]
-        )
-        out["pos"][row, 1, col] = w + 1 if cfg.block_position_encoding else 1
-        out["sep"][rows] = sep[rows]
-        out["used"][rows] = sep[rows] + np.bincount(
-            seg_sample, weights=seg_len, minlength=raws.shape[0]
-        )[rows].astype(np.int64)
-        return rank
-
-    def _assemble_suffix(
-        self, out: dict[str, np.ndarray], raw: np.ndarray, row: int, g: int
-    ) -> None:
-        """Official gpt suffix form: Part A = prefix + [gMASK]; Part B = [sop] + suffix[:-1] ->
-        suffix with loss 0 on [CLS] targets, no [eop] (length n + 1)."""
-        n, d, mask = raw.size, raw.size - g, self._mask_of["gpt"]
-        out["tokens"][row, :d] = out["labels"][row, :d] = raw[:d]
-        out["tokens"][row, d], out["labels"][row, d] = mask, mask
-        out["tokens"][row, d + 1 : n + 1] = np.concatenate(([self.ids.sop], raw[d : n - 1]))
-        out["labels"][row, d + 1 : n + 1] = raw[d:]
-        out["loss"][row, d + 1 : n + 1] = raw[d:] != self.ids.cls
-        out["pos"][row, 0, : d + 1] = np.arange(d + 1)
-        out["pos"][row, 0, d + 1 : n + 1] = d
-        out["pos"][row, 1, d + 1 : n + 1] = (
-            np.arange(1, g + 1) if self.config.block_position_encoding else 1
-        )
-        out["sep"][row], out["used"][row] = d + 1, n + 1
+        columns = self._columns
+        in_a = columns < sep[:, None]  # [b, L]
+        in_b = (columns < used[:, None]) ^ in_a
+        tokens = np.full((b, L), ids.pad, np.int64)
+        tokens[in_a] = part_a
+        labels = tokens.copy()  # Part A labels are Part A
+        tokens[in_b] = inputs
+        labels[in_b] = targets
+        loss = np.zeros((b, L), np.float32)
+        loss[in_b] = ~(seg_tail[seg] & (targets == ids.cls))
+        pos = np.zeros((b, 2, L), np.int64)
+        pos[:, 0] = np.where(in_a, columns, 0)
+        seg_pos = mask_pos[order]
+        if cfg.sentinel_token:
+            seg_pos = np.where(seg_tail, seg_pos, L)
+        pos[:, 0][in_b] = seg_pos[seg]
+        pos[:, 1][in_b] = w + 1 if cfg.block_position_encoding else 1
+        out = {"tokens": tokens, "labels": labels, "loss": loss, "pos": pos}
+        return {**out, "sep": sep, "used": used}, rank
 
     # -- a micro-batch -------------------------------------------------------------------------
 
@@ -524,23 +553,18 @@ class BlankInfillingCollator:
             raws = [self._split_short(r, int(i), plan["target"]) for r, i in zip(raws, indices)]
         n = np.array([r.size for r in raws], dtype=np.int64)
         width = int(n.max())
-        packed = np.full((b, width), self.ids.pad, dtype=np.int64)  # [b, N]
-        for row, r in enumerate(raws):
-            packed[row, : r.size] = r
-        if int(n.max()) + 2 * self.plan.max_spans > L:
+        if width + 2 * self.plan.max_spans > L:
             raise ValueError(
-                f"raw samples of {int(n.max())} tokens do not fit seq_length {L} with "
+                f"raw samples of {width} tokens do not fit seq_length {L} with "
                 f"{self.plan.max_spans} spans; use raw_length {self.plan.raw_length}"
             )
-        out = {
-            "tokens": np.full((b, L), self.ids.pad, np.int64),
-            "labels": np.full((b, L), self.ids.pad, np.int64),
-            "loss": np.zeros((b, L), np.float32),
-            "pos": np.zeros((b, 2, L), np.int64),
-            "sep": np.zeros(b, np.int64),
-            "used": np.zeros(b, np.int64),
-        }
-        suffix = np.zeros(b, dtype=bool)
+        if int(n.min()) == width:
+            packed = np.stack(raws)  # [b, N]
+        else:
+            packed = np.full((b, width), self.ids.pad, dtype=np.int64)
+            for row, r in enumerate(raws):
+                packed[row, : r.size] = r
+        suffix, g = np.zeros(b, dtype=bool), None
         if objective == "bert":
             spans = self._token_spans(packed, n, idx, plan["single"])
         elif objective == "sentence":
@@ -555,14 +579,14 @@ class BlankInfillingCollator:
             first_eos = np.where(packed == self.ids.eos, np.arange(width), width).min(axis=1)
             multi_doc = first_eos < n - 1
             suffix = (u[:, 0] < self.config.gpt_infill_prob) | multi_doc
-            for row in np.flatnonzero(suffix):
-                self._assemble_suffix(out, raws[row], int(row), int(g[row]))
-            # one span inside the single document: never [CLS] (first) nor the last token
-            rows = np.flatnonzero(~suffix)
-            start = 1 + (u[rows, 1] * (n[rows] - 2 - g[rows] + 1)).astype(np.int64)
-            spans = _Spans(sample=rows, start=start, length=g[rows])
-        rows = np.flatnonzero(~suffix)
-        rank = self._assemble_blocks(out, packed, n, idx, rows, spans, objective)
+            # suffix rows: the last g tokens; the others one span inside the single document,
+            # never [CLS] (first) nor the last token
+            start = np.where(suffix, n - g, 1 + (u[:, 1] * (n - 2 - g + 1)).astype(np.int64))
+            spans = _Spans(sample=np.arange(b), start=start, length=g)
+        out, rank = self._assemble_blocks(packed, n, idx, spans, suffix[spans.sample], objective)
+        if suffix.any():  # report the block spans only (suffix rows are described by g)
+            spans = _Spans(sample=np.flatnonzero(~suffix), start=start[~suffix], length=g[~suffix])
+            rank = rank[~suffix]
         return {
             "objective": objective,
             "tokens": out["tokens"],
@@ -575,7 +599,7 @@ class BlankInfillingCollator:
             "spans": spans,
             "rank": rank,
             "suffix": suffix,
-            "gpt_length": None if objective != "gpt" else g,
+            "gpt_length": g,
         }
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
