@@ -346,6 +346,18 @@ _TRAINING_FLAGS = (
 )
 
 
+def _wants_fp16(raw: dict[str, Any]) -> bool:
+    return bool((raw.get("fp16") or {}).get("enabled", False))
+
+
+def _cpu_fp16_supported() -> bool:
+    """DeepSpeed's own test (``deepspeed.initialize`` refuses fp16 when it is False); imported
+    only when fp16 is asked for on CPU, since importing DeepSpeed takes seconds."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def build_run_config(
     args: argparse.Namespace, world_size: int, *, cuda: bool | None = None, check_data: bool = True
 ) -> RunConfig:
@@ -432,6 +444,7 @@ def build_run_config(
                 pipeline_parallel_size=pp,
                 cli_lr=args.lr,
                 cuda=cuda,
+                cpu_fp16=not cuda and _wants_fp16(raw) and _cpu_fp16_supported(),
             )
             problems.extend(ds_problems)
             if ds is not None and args.min_lr is not None and args.min_lr > ds.peak_lr:

@@ -10,7 +10,10 @@ The JSON owns batch sizes, the optimizer, ZeRO, precision and gradient clipping.
 - No ``scheduler`` section: the GLM schedule (``lr_schedule.py``) is ours.
 - Pipeline parallelism runs on DeepSpeed's ``PipelineEngine``, which supports ZeRO stages 0 and 1
   only; ZeRO-2/3 with ``--pipeline-model-parallel-size > 1`` is refused.
-- fp16 needs CUDA (DeepSpeed's CPU accelerator has no fp16); bf16 and fp32 run anywhere.
+- fp16 needs CUDA, or a CPU for which DeepSpeed's CPU accelerator reports fp16 support (native fp16,
+  AVX512-FP16 / AMX-FP16: ``torch.ops.mkldnn._is_mkldnn_fp16_supported()``); elsewhere
+  ``deepspeed.initialize`` would fail with "Type fp16 is not supported on your device.", so we
+  refuse it up front. bf16 and fp32 run anywhere.
 - On CPU without optimizer offload, Adam/AdamW run as ``torch.optim`` (``torch_adam: true``)
   unless the JSON sets ``torch_adam``: DeepSpeed's FusedAdam would be JIT-compiled for the CPU.
 """
@@ -118,8 +121,12 @@ def resolve_ds_config(
     pipeline_parallel_size: int,
     cli_lr: float | None,
     cuda: bool,
+    cpu_fp16: bool = False,
 ) -> tuple[ResolvedDSConfig | None, list[str]]:
     """Check ``raw`` against the layout and complete it; ``(None, problems)`` when it is invalid.
+
+    ``cpu_fp16``: DeepSpeed's CPU accelerator reports fp16 support on this machine (only read
+    when ``cuda`` is False).
 
     ``data_parallel_size=None`` (the layout itself is invalid) skips the batch arithmetic but
     still reports every other problem.
@@ -156,9 +163,20 @@ def resolve_ds_config(
     bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False))
     if fp16 and bf16:
         problems.append("the DeepSpeed config enables both fp16 and bf16; pick one")
-    if fp16 and not cuda:
+    if fp16 and not cuda and not cpu_fp16:
         problems.append(
-            "fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16); use bf16"
+            "fp16 needs a CUDA device or a CPU with native fp16: DeepSpeed's CPU accelerator "
+            "refuses fp16 on this CPU ('Type fp16 is not supported on your device.'; "
+            "torch.ops.mkldnn._is_mkldnn_fp16_supported() is False, it needs AVX512-FP16 or "
+            "AMX-FP16); use bf16"
+        )
+    if fp16 and zero_stage == 0:
+        # DeepSpeed's engine.backward multiplies the loss by the loss scale only for ZeRO
+        # optimizers; its stage-0 FP16_Optimizer still divides the gradients by the scale in step(),
+        # so every update shrinks by the scale and overflows are never seen (measured on 0.19.8).
+        problems.append(
+            "fp16 with ZeRO stage 0 does not scale the loss in DeepSpeed (updates come out divided "
+            "by the loss scale and overflows are never detected); use ZeRO stage 1 or higher"
         )
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
 

@@ -12,7 +12,12 @@ ADAM = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}
 
 
 def _resolve(
-    dp: int = 2, pp: int = 1, cuda: bool = False, cli_lr: float | None = None, **cfg: Any
+    dp: int = 2,
+    pp: int = 1,
+    cuda: bool = False,
+    cli_lr: float | None = None,
+    cpu_fp16: bool = False,
+    **cfg: Any,
 ) -> Any:
     return resolve_ds_config(
         {"optimizer": ADAM, **cfg},
@@ -20,6 +25,7 @@ def _resolve(
         pipeline_parallel_size=pp,
         cli_lr=cli_lr,
         cuda=cuda,
+        cpu_fp16=cpu_fp16,
     )
 
 
@@ -102,7 +108,22 @@ def test_zero_precision_and_offload_rules() -> None:
     assert problems == [] and resolved.zero_stage == 1
     _, problems = _resolve(train_batch_size=4, fp16={"enabled": True}, bf16={"enabled": True})
     assert any("both fp16 and bf16" in p for p in problems)
-    resolved, problems = _resolve(train_batch_size=4, cuda=True, fp16={"enabled": True})
+    _, problems = _resolve(train_batch_size=4, fp16={"enabled": True})
+    assert any("Type fp16 is not supported on your device" in p for p in problems)
+    # a CPU with native fp16 (DeepSpeed's CPU accelerator accepts it there)
+    zero1 = {"stage": 1}
+    resolved, problems = _resolve(
+        train_batch_size=4, cpu_fp16=True, fp16={"enabled": True}, zero_optimization=zero1
+    )
+    assert problems == [] and resolved.precision == "fp16"
+    # DeepSpeed's stage-0 fp16 optimizer never scales the loss: refused
+    _, problems = _resolve(
+        train_batch_size=4, cuda=True, fp16={"enabled": True}, zero_optimization={"stage": 0}
+    )
+    assert any("fp16 with ZeRO stage 0" in p for p in problems)
+    resolved, problems = _resolve(
+        train_batch_size=4, cuda=True, fp16={"enabled": True}, zero_optimization=zero1
+    )
     assert problems == [] and resolved.precision == "fp16"
     assert "torch_adam" not in resolved.config["optimizer"]["params"]  # CUDA: FusedAdam
     resolved, problems = _resolve(
