@@ -9,7 +9,9 @@ complete checkpoint under ``--load``)::
     python pretrain_glm.py ...            # one process
 
 The command line is validated before any process group exists: every problem is reported at
-once and the exit status is 2. docs/training.md lists the flags.
+once and the exit status is 2; ``--dry-run`` stops there and prints the resolved configuration.
+The official GLM recipes' and Megatron's flags are accepted (docs/compatibility.md);
+docs/training.md lists the flags.
 """
 
 from __future__ import annotations
@@ -42,18 +44,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(launch.rank)
 
-    from megatron_glm.training.arguments import ConfigError, parse_run_config
+    from megatron_glm.training.arguments import ConfigError, build_parser, build_run_config
 
+    args = build_parser().parse_args(argv)
+    world_size = args.dry_run_world_size or launch.world_size
     try:
-        run = parse_run_config(argv, launch.world_size)
+        run = build_run_config(args, world_size)
     except ConfigError as err:
         if launch.rank == 0:
             print(f"pretrain_glm.py: {err}", file=sys.stderr)
         return 2
 
+    from megatron_glm.training.summary import describe_run
+
+    if args.dry_run:
+        if launch.rank == 0:
+            print(describe_run(run))
+            print(f"pretrain_glm.py: dry run OK ({world_size} process(es)); nothing was started")
+        return 0
+    if launch.rank == 0:
+        logging.getLogger("pretrain_glm").info("configuration:\n%s", describe_run(run))
+
     from megatron_glm.training.loop import pretrain
 
-    init_distributed()
+    init_distributed(run.training.distributed_backend)
     finished = False
     try:
         pretrain(run)

@@ -14,6 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_glm", "megatron_glm.*"]),
+    # The released GLM vocabularies the official tokenizer types default to (docs/tokenizers.md).
+    package_data={"megatron_glm.data": ["vocab/*"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

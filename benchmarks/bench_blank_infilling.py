@@ -1,15 +1,18 @@
 """Blank-infilling sample construction: megatron_glm's vectorised collator vs a per-token baseline.
 
-Baseline (written here): a straightforward Python implementation of the same GLM_SPEC §3
-construction in the style of the official ``blocklm_utils.py``: ``random.Random`` per micro-batch
-and per sample, span lengths with ``random.choices``, documents / sentences / Part A / Part B /
-positions / padding built token by token in Python lists, then ``torch.tensor``.
+Baseline (written here): a straightforward Python implementation of the same construction
+(docs/blank-infilling.md#part-a--part-b-layout) in the style of the official ``blocklm_utils.py``:
+``random.Random`` per micro-batch and per sample, span lengths with ``random.choices``, documents /
+sentences / Part A / Part B / positions / padding built token by token in Python lists, then
+``torch.tensor``.
 
 Ours: ``BlankInfillingCollator`` (counter-based SplitMix64 draws, numpy over tokens, loops only over spans).
 
 Same raw samples (synthetic documents of 30..1500 tokens packed as ``[CLS] doc [eos] ...``, a
 sentence end every ~12 tokens), same 10B mixture (bert 0.5 / sentence 0.3 / gpt 0.2, task masks,
-gpt_min_ratio 0.25, block_mask_prob 0.1, short_seq_prob 0.02), seq 512, micro-batch 21, same run.
+gpt_min_ratio 0.25, block_mask_prob 0.1, short_seq_prob 0.02), micro-batch 21, same run. This
+script's ``--input-length`` (default 512) is the collator's input length L; the trainer's
+``--seq-length`` is the raw length: L = 512 means raw samples of 446 tokens (docs/blank-infilling.md#fixed-shapes-deliberate-change-2).
 Both outputs are checked for fixed shapes and ``sep = n - sum(len) + k``. Usage::
 
     python benchmarks/bench_blank_infilling.py [--batches 40] [--repeats 3] [--interleaved]
@@ -247,7 +250,7 @@ class PerTokenBaseline:
         return toks, labels, loss, pos, block, len(part_a)
 
     def pad(self, rows: list[tuple], objective: str) -> dict:
-        L, pad = self.plan.seq_length, self.ids.pad
+        L, pad = self.plan.input_length, self.ids.pad
         out = {"tokens": [], "labels": [], "loss_mask": [], "position_ids": [], "sep": []}
         for toks, labels, loss, pos, block, sep in rows:
             extra = L - len(toks)
@@ -282,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--micro-batch-size", type=int, default=21)
-    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--input-length", type=int, default=512, help="model input length L")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--interleaved", action="store_true", help="alternate the two sides per micro-batch"
@@ -297,7 +300,7 @@ def main() -> None:
         short_seq_prob=0.02,
     )
     ids = synthetic_ids()
-    ours = BlankInfillingCollator(cfg, ids, args.seq_length, seed=1234)
+    ours = BlankInfillingCollator(cfg, ids, args.input_length, seed=1234)
     plan, b = ours.plan, args.micro_batch_size
     base = PerTokenBaseline(cfg, ids, plan, seed=1234)
     raws = synthetic_raw_samples(plan.raw_length, args.batches * b)
@@ -307,15 +310,15 @@ def main() -> None:
 
     def run_ours(r, idx):
         batch = ours([{"text": x, "index": i} for x, i in zip(r, idx)])  # the training path
-        check(batch, len(r), plan.seq_length)
+        check(batch, len(r), plan.input_length)
 
-    for r, idx in batches[:5]:  # not timed: the spec's sep rule on our samples
+    for r, idx in batches[:5]:  # not timed: the sep rule of docs/blank-infilling.md#invariants
         for s in ours.make_samples(r, idx)[1]:
             assert s.sep == s.raw.size - int(s.span_lengths.sum()) + s.span_starts.size
 
     def run_base(r, idx):
         batch = base.collate(r, idx)
-        check(batch, len(r), plan.seq_length)
+        check(batch, len(r), plan.input_length)
 
     # Each micro-batch is timed on its own and its best of --repeats kept. By default each repeat
     # runs all of ours, then all of the baseline (a data worker builds batch after batch, so that
@@ -339,7 +342,7 @@ def main() -> None:
     objectives = [ours.micro_batch_plan(idx[0])["objective"] for _, idx in batches]
     mix = {o: objectives.count(o) for o in ("bert", "sentence", "gpt")}
     print(
-        f"seq {plan.seq_length} (raw {plan.raw_length}, max spans {plan.max_spans}), micro-batch {b}, "
+        f"seq {plan.input_length} (raw {plan.raw_length}, max spans {plan.max_spans}), micro-batch {b}, "
         f"10B mixture; torch {torch.__version__}, numpy {np.__version__}"
     )
     print(

@@ -36,13 +36,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_glm.config.data import TokenizerSpec  # noqa: E402
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype  # noqa: E402
-from megatron_glm.data.preprocess import (  # noqa: E402
-    PreprocessConfig,
-    TokenizerSpec,
-    preprocess_data,
-)
-from megatron_glm.data.tokenizers import train_sentencepiece  # noqa: E402
+from megatron_glm.data.preprocess import PreprocessConfig, preprocess_data  # noqa: E402
+from megatron_glm.data.sentencepiece import train_sentencepiece  # noqa: E402
+from megatron_glm.data.tokenizers import tokenizer_from_spec  # noqa: E402
 
 CORPUS = REPO / "data" / "python-docs-en.jsonl.gz"
 
@@ -59,7 +57,7 @@ class MegatronStyleEncoder:
 
     def initializer(self) -> None:
         global _BASELINE_TOKENIZER
-        _BASELINE_TOKENIZER = self.spec.build()
+        _BASELINE_TOKENIZER = tokenizer_from_spec(self.spec)
 
     def encode(self, json_line: str) -> tuple[dict[str, list[int]], dict[str, list[int]], int]:
         data = json.loads(json_line)
@@ -228,7 +226,7 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---|---|")
         for name, spec in specs.items():
-            vocab_size = spec.build().vocab_size
+            vocab_size = tokenizer_from_spec(spec).vocab_size
             itemsize = best_dtype(vocab_size).itemsize
             for granularity, (corpus, _) in corpora.items():
                 for workers in args.workers:

@@ -71,7 +71,7 @@ torchrun) launch=(torchrun --nproc-per-node "$NPROC" --master-port "$port") ;;
 esac
 train_args=(
     --num-layers 4 --hidden-size 256 --num-attention-heads 8
-    --seq-length 256 --max-position-embeddings 256
+    --seq-length 218 --max-position-embeddings 256
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER.model"
     --data-path "$DATASET" --split 98,2,0 --num-workers 1
     --train-iters "$ITERS" --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --warmup 0.05

@@ -17,14 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_glm.config.data import add_tokenizer_args, tokenizer_spec_from_args  # noqa: E402
 from megatron_glm.data.preprocess import (  # noqa: E402
     ON_ERROR_CHOICES,
     PreprocessConfig,
     PreprocessError,
-    TokenizerSpec,
     preprocess_data,
 )
-from megatron_glm.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,11 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="skip",
         help="bad lines (invalid JSON, missing key, non-string): skip and report them, or fail",
     )
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="sentencepiece .model (with its .json metadata)")
-    g.add_argument("--vocab-file", help="GPT-2 vocab.json or BERT vocab.txt")
-    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+    # exactly the tokenizer flags of a training recipe (pretrain_glm.py shares them)
+    add_tokenizer_args(p, required=True)
     g = p.add_argument_group("runtime")
     g.add_argument(
         "--workers",
@@ -82,14 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    spec = TokenizerSpec(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
-    )
     try:
         config = PreprocessConfig(
             inputs=args.input,
             output_prefix=args.output_prefix,
-            tokenizer=spec,
+            tokenizer=tokenizer_spec_from_args(args),
             json_keys=tuple(args.json_keys),
             append_eod=args.append_eod,
             split_sentences=args.split_sentences,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_glm.config.data import DataConfig, add_data_args  # noqa: E402
 from megatron_glm.data.blank_infilling import BlankInfillingCollator, InfilledSample  # noqa: E402
 from megatron_glm.data.glm_dataset import SPLIT_NAMES, build_glm_datasets  # noqa: E402
-from megatron_glm.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_glm.data.tokenizers import tokenizer_from_spec  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,11 +47,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def describe(sample: InfilledSample, index: int, objective: str, tokenizer, seq_length: int) -> str:
+def describe(
+    sample: InfilledSample, index: int, objective: str, tokenizer, input_length: int
+) -> str:
     sep = sample.sep
     lines = [
         f"sample {index}: objective={objective} raw={sample.raw.size} sep={sep} "
-        f"length={sample.tokens.size}/{seq_length} loss_tokens={int(sample.loss_mask.sum())}",
+        f"length={sample.tokens.size}/{input_length} loss_tokens={int(sample.loss_mask.sum())}",
         f"  Part A: {tokenizer.decode(sample.tokens[:sep])!r}",
     ]
     if sample.suffix:
@@ -73,20 +76,24 @@ def describe(sample: InfilledSample, index: int, objective: str, tokenizer, seq_
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config = DataConfig.from_args(args)
-    tokenizer = build_tokenizer(
-        config.tokenizer_type, config.tokenizer_model, config.vocab_file, config.merge_file
-    )
+    # notes (index building, splits left out) go to stderr; stdout holds only the samples
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     split = SPLIT_NAMES.index(args.dataset)
     wanted = [0, 0, 0]
     wanted[split] = args.start + args.num_samples
-    dataset = build_glm_datasets(config, tokenizer, tuple(wanted))[split]
-    if dataset is None:
-        print(
-            f"the {args.dataset} split has no documents (--split {config.split})", file=sys.stderr
+    try:
+        config = DataConfig.from_args(args)
+        tokenizer = tokenizer_from_spec(config.tokenizer_spec)
+        # only the split shown: another split too short for a sample does not matter here
+        dataset = build_glm_datasets(config, tokenizer, tuple(wanted), splits=(args.dataset,))[
+            split
+        ]
+        collator = BlankInfillingCollator(
+            config.infilling, tokenizer, config.input_length, config.seed
         )
+    except (OSError, ValueError) as err:
+        print(f"show_samples.py: {err}", file=sys.stderr)
         return 1
-    collator = BlankInfillingCollator(config.infilling, tokenizer, config.seq_length, config.seed)
     micro = args.micro_batch_size or args.num_samples
     for first in range(args.start, args.start + args.num_samples, micro):
         indices = list(range(first, min(first + micro, args.start + args.num_samples)))
@@ -110,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 )
             else:
-                print(describe(sample, index, objective, tokenizer, config.seq_length))
+                print(describe(sample, index, objective, tokenizer, config.input_length))
     return 0
 
 

@@ -1,7 +1,15 @@
-"""Data configuration: the corpus, its split and blend, and the blank-infilling objectives (GLM_SPEC §3).
+"""Data configuration: the corpus, its split and blend, the tokenizer, and the blank-infilling
+objectives (docs/blank-infilling.md).
 
 Field names follow the official GLM arguments so recipes move over unchanged; ``add_data_args`` and
-``DataConfig.from_args`` give ``pretrain_glm.py`` and ``tools/show_samples.py`` the same flags.
+``DataConfig.from_args`` give ``pretrain_glm.py`` and ``tools/show_samples.py`` the same flags, and
+``add_tokenizer_args`` gives ``tools/preprocess_data.py`` the same tokenizer flags.
+
+Lengths (the official GLM's meaning): ``--seq-length`` is the raw sample length n, the tokens packed
+from the corpus into one sample. Blank infilling adds two tokens per span (Part B's ``[sop]`` and the
+mask token that stays in Part A), so the model input is longer: ``L = n + 2 K(n)`` with ``K(n)`` a cap
+on the spans of one sample (``plan_for_raw_length``). Every micro-batch is ``[b, L]``. This module is
+pure Python (no torch, no data package) so that any tool can validate a configuration cheaply.
 """
 
 from __future__ import annotations
@@ -15,6 +23,23 @@ from typing import Any
 # Token-span lengths are Poisson(avg_block_length) truncated to 1..MAX_BLOCK_LENGTH-1 (official
 # ConstructBlockStrategy: max_block_length=40, exclusive).
 MAX_BLOCK_LENGTH = 40
+# Margin of the span cap over the mean number of token spans, in standard deviations (see
+# ``max_spans``).
+_SPAN_CAP_SIGMAS = 4.0
+# Smallest raw sample blank infilling accepts.
+MIN_RAW_LENGTH = 8
+
+# Tokenizer names (Megatron's and the official GLM's); megatron_glm.data.tokenizers has one builder
+# per name. docs/tokenizers.md describes each.
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "ChineseSPTokenizer",
+    "GPT2BPETokenizer",
+    "BertWordPieceTokenizer",
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
+    "HuggingFaceTokenizer",
+)
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -76,24 +101,131 @@ class BlankInfillingConfig:
         return max(0.0, 1.0 - self.bert_prob - self.gap_sentence_prob)
 
 
-def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
-    """``["a"]`` -> ``[(1.0, "a")]``; ``["0.3", "a", "0.7", "b"]`` -> normalised weights and prefixes."""
+def span_length_probabilities(avg_block_length: float) -> list[float]:
+    """P(span length = l) for l = 1..MAX_BLOCK_LENGTH-1: Poisson(avg) truncated and renormalised."""
+    log_pmf = [
+        length * math.log(avg_block_length) - avg_block_length - math.lgamma(length + 1)
+        for length in range(1, MAX_BLOCK_LENGTH)
+    ]
+    pmf = [math.exp(x) for x in log_pmf]
+    total = sum(pmf)
+    return [p / total for p in pmf]
+
+
+def max_spans(raw_length: int, config: BlankInfillingConfig) -> int:
+    """The span cap K(n) of a raw sample of n tokens (token spans and sentences; gpt has one).
+
+    K(n) = ceil(m/mu + 4 sqrt(m var / mu^3)) + 2 with m = floor(ratio * n) (the larger of
+    bert_ratio and gap_sentence_ratio) and mu, var the mean and variance of a span length: the
+    number of Poisson spans needed to cover m tokens is a renewal count with that mean and
+    variance, so the cap rarely binds (measured: 2 in 10^6 samples at n = 446); when it does, the
+    spans drawn are lengthened (to at most 39 tokens) until they cover m.
+    """
+    m = int(max(config.bert_ratio, config.gap_sentence_ratio) * raw_length)
+    if m == 0:
+        return 1
+    probs = span_length_probabilities(config.avg_block_length)
+    mu = sum(length * p for length, p in enumerate(probs, start=1))
+    var = sum(length * length * p for length, p in enumerate(probs, start=1)) - mu * mu
+    return math.ceil(m / mu + _SPAN_CAP_SIGMAS * math.sqrt(m * var / mu**3)) + 2
+
+
+@dataclass(frozen=True)
+class FixedShapePlan:
+    """``raw_length + 2 * max_spans <= input_length``: every objective's Part A + Part B fits."""
+
+    input_length: int  # L, the model input length of every micro-batch
+    raw_length: int  # n, tokens per packed raw sample (--seq-length)
+    max_spans: int  # K, cap on spans per sample (token spans and sentences)
+
+
+def plan_for_raw_length(raw_length: int, config: BlankInfillingConfig) -> FixedShapePlan:
+    """The input length that raw samples of ``raw_length`` tokens need: ``n + 2 K(n)``."""
+    if raw_length < MIN_RAW_LENGTH:
+        raise ValueError(
+            f"seq_length {raw_length} is too short for blank infilling (at least {MIN_RAW_LENGTH})"
+        )
+    k = max_spans(raw_length, config)
+    return FixedShapePlan(input_length=raw_length + 2 * k, raw_length=raw_length, max_spans=k)
+
+
+def fixed_shape_plan(input_length: int, config: BlankInfillingConfig) -> FixedShapePlan:
+    """The inverse: the longest raw sample whose plan fits ``input_length`` (n + 2 K(n) grows
+    strictly with n, so ``fixed_shape_plan(plan_for_raw_length(n).input_length)`` gives n back)."""
+    n = input_length - 2
+    while n >= MIN_RAW_LENGTH and n + 2 * max_spans(n, config) > input_length:
+        n -= 1
+    if n < MIN_RAW_LENGTH:
+        raise ValueError(
+            f"input length {input_length} is too short for blank infilling (raw length {n})"
+        )
+    return FixedShapePlan(input_length=input_length, raw_length=n, max_spans=max_spans(n, config))
+
+
+# TokenizerSpec fields that are flags of add_tokenizer_args (and fields of DataConfig) by that name.
+_TOKENIZER_FLAGS = (
+    "tokenizer_type",
+    "tokenizer_model",
+    "vocab_file",
+    "merge_file",
+    "tokenizer_model_type",
+    "fix_command_token",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer, from which local files (``megatron_glm.data.tokenizers.tokenizer_from_spec``
+    builds it; worker processes rebuild it from this, never from a pickle)."""
+
+    tokenizer_type: str
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    # the official --tokenizer-model-type: bert-base-uncased, bert-large-uncased, gpt2, roberta, ...
+    tokenizer_model_type: str | None = None
+    # the official --fix-command-token (ChineseSPTokenizer's alternative command-token ids)
+    fix_command_token: bool = False
+    # append [dBLOCK] after the command tokens (the official code does when --block-mask-prob > 0:
+    # block masking replaces Part B input tokens with it); data files never contain it
+    block_mask_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"unknown tokenizer type {self.tokenizer_type!r}; choose from "
+                f"{', '.join(TOKENIZER_TYPES)}"
+            )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_data_path(data_path: list[str]) -> list[tuple[float | None, str]]:
+    """``["a"]`` -> ``[(1.0, "a")]``; ``["0.3", "a", "0.7", "b"]`` -> normalised weights and
+    prefixes; ``["a", "b"]`` (several prefixes, no weights) -> ``[(None, "a"), (None, "b")]``:
+    as in Megatron, such a blend weighs each dataset by its number of samples."""
     if not data_path:
         raise ValueError("data_path is empty: give one prefix or 'weight prefix' pairs")
     if len(data_path) == 1:
         return [(1.0, data_path[0])]
+    if not any(_is_number(item) for item in data_path):
+        return [(None, prefix) for prefix in data_path]
     if len(data_path) % 2:
         raise ValueError(
-            f"data_path with several datasets must be 'weight prefix' pairs, got {data_path}"
+            f"data_path with several datasets must be 'weight prefix' pairs or prefixes alone, "
+            f"got {data_path}"
         )
     pairs = []
     for weight, prefix in zip(data_path[0::2], data_path[1::2]):
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(
-                f"data_path weight {weight!r} (before {prefix!r}) is not a number"
-            ) from None
+        if not _is_number(weight):
+            raise ValueError(f"data_path weight {weight!r} (before {prefix!r}) is not a number")
+        w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"data_path weight for {prefix!r} must be >= 0, got {weight}")
         pairs.append((w, prefix))
@@ -124,9 +256,8 @@ def parse_split(split: str) -> tuple[float, float, float]:
 class DataConfig:
     """Where the tokens come from and how samples are cut.
 
-    ``seq_length`` is the model input length ``L_max``: every micro-batch is ``[b, seq_length]``.
-    The raw packed sample is shorter (``raw_sample_length``) so that Part A + Part B always fit; see
-    ``megatron_glm.data.blank_infilling.fixed_shape_plan``.
+    ``seq_length`` is the raw sample length n (the official GLM's ``--seq-length``); the model input
+    is longer, ``input_length = n + 2 K(n)`` (``shape_plan``), so that Part A + Part B always fit.
     """
 
     data_path: list[str] = field(default_factory=list)
@@ -139,6 +270,8 @@ class DataConfig:
     tokenizer_model: str | None = None
     vocab_file: str | None = None
     merge_file: str | None = None
+    tokenizer_model_type: str | None = None
+    fix_command_token: bool = False
     infilling: BlankInfillingConfig = field(default_factory=BlankInfillingConfig)
 
     def __post_init__(self) -> None:
@@ -148,8 +281,10 @@ class DataConfig:
         if self.data_path:
             parse_data_path(self.data_path)
         parse_split(self.split)
-        if not isinstance(self.seq_length, int) or self.seq_length < 16:
-            raise ValueError(f"seq_length must be an integer >= 16, got {self.seq_length!r}")
+        if not isinstance(self.seq_length, int) or self.seq_length < MIN_RAW_LENGTH:
+            raise ValueError(
+                f"seq_length must be an integer >= {MIN_RAW_LENGTH}, got {self.seq_length!r}"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
@@ -160,7 +295,7 @@ class DataConfig:
             self.infilling = BlankInfillingConfig(**self.infilling)
 
     @property
-    def weighted_paths(self) -> list[tuple[float, str]]:
+    def weighted_paths(self) -> list[tuple[float | None, str]]:
         return parse_data_path(self.data_path)
 
     @property
@@ -169,10 +304,26 @@ class DataConfig:
 
     @property
     def raw_sample_length(self) -> int:
-        """Tokens per packed raw sample ``n`` (``n + 2 * max_spans <= seq_length``)."""
-        from megatron_glm.data.blank_infilling import fixed_shape_plan
+        """Tokens per packed raw sample ``n``: ``--seq-length``."""
+        return self.seq_length
 
-        return fixed_shape_plan(self.seq_length, self.infilling).raw_length
+    @property
+    def shape_plan(self) -> FixedShapePlan:
+        return plan_for_raw_length(self.seq_length, self.infilling)
+
+    @property
+    def input_length(self) -> int:
+        """The model input length L of every micro-batch (raw length + Part B's extra tokens)."""
+        return self.shape_plan.input_length
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec:
+        if self.tokenizer_type is None:
+            raise ValueError("no tokenizer type configured (--tokenizer-type)")
+        return TokenizerSpec(
+            **{name: getattr(self, name) for name in _TOKENIZER_FLAGS},
+            block_mask_token=self.infilling.block_mask_prob > 0,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +357,8 @@ class DataConfig:
             tokenizer_model=args.tokenizer_model,
             vocab_file=args.vocab_file,
             merge_file=args.merge_file,
+            tokenizer_model_type=args.tokenizer_model_type,
+            fix_command_token=args.fix_command_token,
             infilling=infilling,
         )
 
@@ -227,7 +380,13 @@ def add_data_args(
         help="indexed dataset prefix, or 'weight prefix weight prefix ...' to blend",
     )
     g.add_argument("--split", default="949,50,1", help="train,valid,test proportions by documents")
-    g.add_argument("--seq-length", type=int, default=512, help="model input length (every batch)")
+    g.add_argument(
+        "--seq-length",
+        type=int,
+        default=512,
+        help="raw sample length (tokens packed per sample, as in the official GLM); the model "
+        "input adds two tokens per blank and is printed at start-up",
+    )
     if include_seed:
         g.add_argument("--seed", type=int, default=1234, help="seed of sampling and masking")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
@@ -236,12 +395,8 @@ def add_data_args(
         default=None,
         help="where sample indices are cached (default: next to each dataset)",
     )
-    g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default=None)
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
-    g = parser.add_argument_group("blank infilling (GLM_SPEC §3)")
+    add_tokenizer_args(parser)
+    g = parser.add_argument_group("blank infilling (docs/blank-infilling.md)")
     g.add_argument("--bert-prob", type=float, default=d.bert_prob)
     g.add_argument("--gap-sentence-prob", type=float, default=d.gap_sentence_prob)
     g.add_argument("--gap-sentence-ratio", type=float, default=d.gap_sentence_ratio)
@@ -256,3 +411,36 @@ def add_data_args(
     g.add_argument("--no-block-position", action="store_true", help="block positions all 1")
     g.add_argument("--sentinel-token", action="store_true", help="numbered [MASKi]/[sopi] tokens")
     return parser
+
+
+def add_tokenizer_args(
+    parser: argparse.ArgumentParser, *, required: bool = False
+) -> argparse.ArgumentParser:
+    """The tokenizer flags, shared by training, preprocessing and the inspection tools, so a corpus
+    is preprocessed with exactly the tokenizer flags of its training recipe."""
+    g = parser.add_argument_group("tokenizer (docs/tokenizers.md)")
+    g.add_argument("--tokenizer-type", default=None, required=required, choices=TOKENIZER_TYPES)
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="sentencepiece .model, or a tokenizer.json / its directory for HuggingFaceTokenizer",
+    )
+    g.add_argument("--vocab-file", default=None, help="BERT vocab.txt or GPT-2 vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    g.add_argument(
+        "--tokenizer-model-type",
+        default=None,
+        help="the official GLM's vocabulary name (bert-base-uncased, bert-large-uncased, gpt2, "
+        "roberta); without --vocab-file the released vocabulary bundled with megatron_glm is used",
+    )
+    g.add_argument(
+        "--fix-command-token",
+        action="store_true",
+        help="ChineseSPTokenizer: the official alternative command-token ids",
+    )
+    return parser
+
+
+def tokenizer_spec_from_args(args: argparse.Namespace) -> TokenizerSpec:
+    """The ``TokenizerSpec`` of a namespace parsed with ``add_tokenizer_args``."""
+    return TokenizerSpec(**{name: getattr(args, name) for name in _TOKENIZER_FLAGS})

@@ -1,4 +1,4 @@
-"""Model configuration: the GLM architecture of GLM_SPEC §1 and its released presets."""
+"""Model configuration: the GLM architecture of docs/model.md and its released presets."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class GLMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# Released GLM sizes (GLM_SPEC §1): layers / hidden / heads with head dim 64.
+# Released GLM sizes (docs/model.md#presets): layers / hidden / heads with head dim 64.
 _BERT_VOCAB, _GPT2_VOCAB = 30592, 50304
 PRESETS: dict[str, dict[str, Any]] = {
     # a few-MB model for tests and the CPU quickstart

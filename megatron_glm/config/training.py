@@ -21,9 +21,9 @@ LOSS_NORMALIZATIONS = ("global", "micro-batch")
 class TrainingConfig:
     """What ``pretrain_glm.py`` does besides the model and the data.
 
-    LR schedule (GLM_SPEC §3): linear warmup from 0 over ``warmup_iters``, then decay to
+    LR schedule (docs/training.md): linear warmup from 0 over ``warmup_iters``, then decay to
     ``final_lr_ratio * lr`` at ``decay_iters``, flat after. ``warmup`` is the official GLM's fraction
-    of the decay iterations. The final ratio is ``min_lr / lr`` when ``min_lr`` is given (Megatron's
+    of the decay iterations; ``lr_warmup_iters`` (Megatron's flag) gives the length directly. The final ratio is ``min_lr / lr`` when ``min_lr`` is given (Megatron's
     flag), else ``lr_decay_ratio`` (the official GLM's flag).
     """
 
@@ -40,8 +40,9 @@ class TrainingConfig:
     lr_decay_style: str = "cosine"
     lr_decay_iters: int | None = None  # None: train_iters
     warmup: float = 0.01
-    # GLM_SPEC §5: "global" = mean over every loss token of the global batch; "micro-batch" = the
-    # official per-micro-batch mean, averaged over micro-batches and data-parallel ranks
+    lr_warmup_iters: int | None = None  # overrides warmup
+    # docs/training.md: "global" = mean over every loss token of the global batch; "micro-batch" =
+    # the official per-micro-batch mean, averaged over micro-batches and data-parallel ranks
     loss_normalization: str = "global"
     # checkpoints
     save: str | None = None
@@ -49,6 +50,10 @@ class TrainingConfig:
     save_interval: int | None = None
     keep_last_k: int | None = None  # None: keep every checkpoint
     load_rng: bool = True  # False (--no-load-rng): resume without the saved RNG streams
+    load_optim: bool = True  # False (--no-load-optim): resume without the optimizer state
+    load_lr_scheduler: bool = True  # False (--no-load-lr-scheduler): the schedule restarts
+    # torch.distributed backend; None: nccl with CUDA, else gloo
+    distributed_backend: str | None = None
     # validation
     eval_interval: int | None = None  # None: no periodic validation
     eval_iters: int = 10  # global batches per validation
@@ -110,6 +115,10 @@ class TrainingConfig:
             out.append(
                 f"lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}"
             )
+        if self.lr_warmup_iters is not None and (
+            not isinstance(self.lr_warmup_iters, int) or self.lr_warmup_iters < 0
+        ):
+            out.append(f"lr_warmup_iters must be an integer >= 0, got {self.lr_warmup_iters!r}")
         if not 0.0 <= self.warmup <= 1.0:
             out.append(f"warmup is a fraction of the decay iterations in [0, 1], got {self.warmup}")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
@@ -134,6 +143,8 @@ class TrainingConfig:
 
     @property
     def warmup_iters(self) -> int:
+        if self.lr_warmup_iters is not None:
+            return self.lr_warmup_iters
         return int(round(self.warmup * self.decay_iters))
 
     def final_lr_ratio(self, peak_lr: float) -> float:

@@ -1,6 +1,6 @@
-"""Autoregressive blank infilling: raw packed samples -> fixed-shape GLM micro-batches (GLM_SPEC §3).
+"""Autoregressive blank infilling: raw packed samples -> fixed-shape GLM micro-batches (docs/blank-infilling.md).
 
-Shape legend: b micro-batch size, L model input length (``seq_length``: every batch is [b, L]),
+Shape legend: b micro-batch size, L model input length (``DataConfig.input_length``: every batch is [b, L]),
 N longest raw sample of the micro-batch, n one raw sample's length, K the span cap, s all spans of
 the micro-batch (flattened, grouped by sample), t Part B tokens of the micro-batch.
 
@@ -14,7 +14,7 @@ Deliberate changes from the official ``blocklm_utils.py`` (docs/blank-infilling.
    hash, no generator state - and the micro-batch's objective of (seed, index of its first sample):
    nothing depends on workers, ranks or restarts.
 2. Fixed shapes: the raw length n and a cap K on the number of spans satisfy ``n + 2K <= L``
-   (``fixed_shape_plan``); no sample is dropped and no batch is multiplied.
+   (``megatron_glm.config.data.fixed_shape_plan``); no sample is dropped and no batch is multiplied.
 3. The ablations (no span shuffle, no block positions, sentinel tokens) are kept.
 """
 
@@ -28,14 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_glm.config.data import MAX_BLOCK_LENGTH, BlankInfillingConfig
+from megatron_glm.config.data import (
+    MAX_BLOCK_LENGTH,
+    BlankInfillingConfig,
+    fixed_shape_plan,
+    span_length_probabilities,
+)
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("bert", "sentence", "gpt")
 # Random streams: each use of randomness has its own, so changing one never shifts another.
 _LENGTHS, _REGION, _PLACE, _ORDER, _BLOCK_MASK, _SENTENCE, _GPT, _SPLIT, _BATCH = range(1, 10)
-_SPAN_CAP_SIGMAS = 4.0  # margin of the span cap over the mean number of bert spans (see plan)
 
 _GOLDEN_INT, _MASK64 = 0x9E3779B97F4A7C15, (1 << 64) - 1
 _GOLDEN = np.uint64(_GOLDEN_INT)
@@ -141,53 +145,7 @@ class SpecialTokenIds:
 
 def span_length_distribution(avg_block_length: float) -> tuple[np.ndarray, np.ndarray]:
     """Poisson(avg) restricted to 1..MAX_BLOCK_LENGTH-1 and renormalised: (lengths, probabilities)."""
-    lengths = np.arange(1, MAX_BLOCK_LENGTH)
-    log_pmf = (
-        lengths * math.log(avg_block_length)
-        - avg_block_length
-        - np.array([math.lgamma(x + 1) for x in lengths])
-    )
-    pmf = np.exp(log_pmf)
-    return lengths, pmf / pmf.sum()
-
-
-@dataclass(frozen=True)
-class FixedShapePlan:
-    """``raw_length + 2 * max_spans <= seq_length``: every objective's Part A + Part B fits in L."""
-
-    seq_length: int  # L, the model input length
-    raw_length: int  # n, tokens per packed raw sample
-    max_spans: int  # K, cap on spans per sample (token spans and sentences)
-
-
-def fixed_shape_plan(seq_length: int, config: BlankInfillingConfig) -> FixedShapePlan:
-    """The largest raw length n whose span cap K(n) fits: ``n + 2 K(n) <= seq_length``.
-
-    K(n) = ceil(m/mu + 4 sqrt(m var / mu^3)) + 2 with m = floor(ratio * n) (the larger of
-    bert_ratio and gap_sentence_ratio) and mu, var the mean and variance of a span length: the
-    number of Poisson spans needed to cover m tokens is a renewal count with that mean and
-    variance, so the cap rarely binds (measured: 2 in 10^6 samples at seq_length 512); then the
-    spans drawn are lengthened (to at most 39 tokens) until they cover m. Sentences stop at K; the
-    gpt objective has k = 1.
-    """
-    lengths, probs = span_length_distribution(config.avg_block_length)
-    mu = float((lengths * probs).sum())
-    var = float((lengths**2 * probs).sum()) - mu * mu
-
-    def cap(n: int) -> int:
-        m = int(max(config.bert_ratio, config.gap_sentence_ratio) * n)
-        if m == 0:
-            return 1
-        return math.ceil(m / mu + _SPAN_CAP_SIGMAS * math.sqrt(m * var / mu**3)) + 2
-
-    n = seq_length - 2
-    while n > 0 and n + 2 * cap(n) > seq_length:
-        n -= 1
-    if n < 8:
-        raise ValueError(
-            f"seq_length {seq_length} is too short for blank infilling (raw length {n})"
-        )
-    return FixedShapePlan(seq_length=seq_length, raw_length=n, max_spans=cap(n))
+    return np.arange(1, MAX_BLOCK_LENGTH), np.array(span_length_probabilities(avg_block_length))
 
 
 @dataclass
@@ -247,11 +205,11 @@ class BlankInfillingCollator:
     """
 
     def __init__(
-        self, config: BlankInfillingConfig, ids: SpecialTokenIds | Any, seq_length: int, seed: int
+        self, config: BlankInfillingConfig, ids: SpecialTokenIds | Any, input_length: int, seed: int
     ) -> None:
         self.config = config
         self.ids = ids if isinstance(ids, SpecialTokenIds) else SpecialTokenIds.from_tokenizer(ids)
-        self.plan = fixed_shape_plan(seq_length, config)
+        self.plan = fixed_shape_plan(input_length, config)
         self.seed = int(seed)
         _, probs = span_length_distribution(config.avg_block_length)
         self._span_cdf = np.cumsum(probs)
@@ -267,7 +225,7 @@ class BlankInfillingCollator:
             else (self.ids.mask,) * 3
         )
         self._mask_of = dict(zip(OBJECTIVES, masks))
-        self._columns = np.arange(seq_length)  # [L]
+        self._columns = np.arange(input_length)  # [L]
         # u < p  <=>  53-bit draw < ceil(p 2^53): u is the draw times 2^-53, exactly
         self._block_mask_bits = np.uint64(math.ceil(config.block_mask_prob * (1 << 53)))
 
@@ -469,7 +427,7 @@ class BlankInfillingCollator:
         suffix: Part B is ``[sop] + span[:-1] -> span``, no [eop], loss 0 on [CLS] targets).
         Every row is a prefix Part A (``sep``) + Part B (``used - sep``), so each output is written
         with two boolean masks over [b, L] whose True cells are in the flat token order."""
-        cfg, ids, (b, width), L = self.config, self.ids, raws.shape, self.plan.seq_length
+        cfg, ids, (b, width), L = self.config, self.ids, raws.shape, self.plan.input_length
         s, start, length = spans.sample, spans.start, spans.length
         # Part A: drop span interiors (spans are disjoint and sorted by (sample, start)), keep each
         # span's first position for its mask token
@@ -529,8 +487,8 @@ class BlankInfillingCollator:
         pos = np.zeros((b, 2, L), np.int64)
         pos[:, 0] = np.where(in_a, columns, 0)
         seg_pos = mask_pos[order]
-        if cfg.sentinel_token:
-            seg_pos = np.where(seg_tail, seg_pos, L)
+        if cfg.sentinel_token:  # the official code: every Part B token at position n
+            seg_pos = np.where(seg_tail, seg_pos, self.plan.raw_length)
         pos[:, 0][in_b] = seg_pos[seg]
         pos[:, 1][in_b] = w + 1 if cfg.block_position_encoding else 1
         out = {"tokens": tokens, "labels": labels, "loss": loss, "pos": pos}
@@ -546,7 +504,7 @@ class BlankInfillingCollator:
         if len(raws) != len(indices) or not raws:
             raise ValueError(f"need one index per raw sample, got {len(raws)} and {len(indices)}")
         plan = plan or self.micro_batch_plan(int(indices[0]))
-        objective, b, L = plan["objective"], len(raws), self.plan.seq_length
+        objective, b, L = plan["objective"], len(raws), self.plan.input_length
         idx = np.asarray(indices, dtype=np.int64)
         raws = [np.asarray(r, dtype=np.int64) for r in raws]
         if plan["short"]:
@@ -555,7 +513,7 @@ class BlankInfillingCollator:
         width = int(n.max())
         if width + 2 * self.plan.max_spans > L:
             raise ValueError(
-                f"raw samples of {width} tokens do not fit seq_length {L} with "
+                f"raw samples of {width} tokens do not fit the input length {L} with "
                 f"{self.plan.max_spans} spans; use raw_length {self.plan.raw_length}"
             )
         if int(n.min()) == width:
@@ -671,7 +629,7 @@ class BlankInfillingCollator:
 
     def pad(self, objective: str, samples: list[InfilledSample]) -> dict[str, Any]:
         """Pad constructed samples to [b, L] (pad id for tokens and labels, loss 0, positions 0)."""
-        b, length = len(samples), self.plan.seq_length
+        b, length = len(samples), self.plan.input_length
         tokens = np.full((b, length), self.ids.pad, np.int64)
         labels = np.full((b, length), self.ids.pad, np.int64)
         loss_mask = np.zeros((b, length), np.float32)

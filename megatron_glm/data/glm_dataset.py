@@ -4,11 +4,21 @@ A dataset's documents, each as the unit ``[CLS] doc [eos]``, are laid end to end
 epoch-specific random order; sample j of the epoch is the window of the raw length n that starts
 at unit position ``j * (n - 1)``: ``[CLS]`` + the next n - 1 tokens, or, when the window starts
 exactly at a document's ``[CLS]`` (or at the ``[eos]`` just before it), the n tokens from that
-``[CLS]`` on (then the sample's last token or two are also the next sample's first ones). Samples are shuffled within their epoch. Everything is a pure
-function of (seed, sample index): ``ds[i]`` works for any i, epoch ``i // samples_per_epoch``.
+``[CLS]`` on (then the sample's last token or two are also the next sample's first ones). Samples
+are shuffled within their epoch. Everything is a pure function of (seed, sample index): ``ds[i]``
+works for any i, epoch ``i // samples_per_epoch``.
 
-The per-epoch index (document order, sample starts as (unit, offset), sample shuffle) is built once
-with numpy and cached as ``.npy`` files next to the data, named by a hash of what determines it.
+A document stored with its own trailing ``[eos]`` (``tools/preprocess_data.py --append-eod``) is
+packed without it, so every document ends with exactly one ``[eos]`` and a dataset written with or
+without ``--append-eod`` gives the same samples. Which documents end with ``[eos]`` is read from
+the ``.bin`` (one token per document), not taken from a flag.
+
+The per-epoch index (document order, sample starts as (unit, offset), sample shuffle) and the
+per-document ``[eos]`` flags are built once with numpy and cached as ``.npy`` files next to the
+data, named by a hash of what determines them.
+
+Only the splits a run uses are built (``build_glm_datasets(..., splits=...)``); ``check_splits``
+tells, from the ``.idx`` files alone, whether those splits can each give one raw sample.
 """
 
 from __future__ import annotations
@@ -19,16 +29,19 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from megatron_glm.config.data import DataConfig
-from megatron_glm.data.indexed_dataset import IndexedDataset
+from megatron_glm.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 
 logger = logging.getLogger(__name__)
 
-_INDEX_FORMAT = 1  # bump when the index layout or its construction changes
+# Bump when the index layout or its construction changes, so stale caches are never reused.
+# 2: a stored trailing [eos] is no longer doubled; a split of exactly n tokens gives one sample.
+_INDEX_FORMAT = 2
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -42,6 +55,193 @@ def split_document_ranges(
     bounds = [min(b, num_documents) for b in bounds]
     bounds[-1] = num_documents  # rounding drift goes to the last split
     return [(bounds[s], max(bounds[s], bounds[s + 1])) for s in range(len(fractions))]
+
+
+# -- the arithmetic of a split (shared by check_splits, build_glm_datasets and GLMDataset) ---------
+
+
+def packed_tokens(doc_lengths: np.ndarray) -> int:
+    """Tokens of documents laid end to end as units ``[CLS] doc [eos]``; ``doc_lengths`` count each
+    document's text without a stored trailing ``[eos]``."""
+    return int(np.sum(doc_lengths, dtype=np.int64)) + 2 * int(np.size(doc_lengths))
+
+
+def samples_per_epoch(packed: int, raw_length: int) -> int:
+    """Raw samples of ``raw_length`` tokens one epoch of ``packed`` tokens gives.
+
+    Window 0 opens at the first ``[CLS]`` and needs ``raw_length`` tokens; window j >= 1 opens at
+    ``j * (raw_length - 1)``, one later when that is an ``[eos]``, and must end inside the epoch.
+    """
+    n = int(raw_length)
+    if packed < n:
+        return 0
+    return 1 + max(0, (packed - n - 1) // (n - 1))
+
+
+class SplitShortfall(NamedTuple):
+    """Why one split of one dataset cannot give a raw sample: what is wrong, and what to do."""
+
+    description: str
+    advice: str
+
+    def message(self) -> str:
+        return f"{self.description}; {self.advice}"
+
+
+def split_shortfall(
+    prefix: str,
+    name: str,
+    documents: int,
+    packed: int,
+    raw_length: int,
+    *,
+    total_documents: int | None = None,
+    split: str | None = None,
+) -> SplitShortfall | None:
+    """The shortfall of a split of ``documents`` documents and ``packed`` tokens (with
+    ``[CLS]``/``[eos]``), None when it gives at least one raw sample of ``raw_length`` tokens."""
+    now = f" (now {split})" if split else ""
+    if documents == 0:
+        of = f" of the dataset's {total_documents}" if total_documents is not None else ""
+        return SplitShortfall(
+            f"{prefix}: the {name} split gets 0{of} documents",
+            f"give it a share in --split{now} or add documents",
+        )
+    if samples_per_epoch(packed, raw_length) > 0:
+        return None
+    return SplitShortfall(
+        f"{prefix}: the {name} split ({documents} document{'s' * (documents != 1)}, {packed} tokens "
+        f"with [CLS]/[eos]) is shorter than one raw sample of {raw_length} tokens "
+        f"(--seq-length {raw_length})",
+        f"add documents, give the {name} split a larger share in --split{now}, or use a shorter "
+        "--seq-length",
+    )
+
+
+def _document_extents(indexed: IndexedDataset, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stored tokens of documents ``lo..hi-1`` and each one's end (exclusive) as a token position
+    in the ``.bin`` (the pointers are validated running sums, so positions follow from sizes)."""
+    bounds = np.asarray(indexed.document_indices[lo : hi + 1], dtype=np.int64)
+    first, last = int(bounds[0]), int(bounds[-1])
+    within = np.concatenate(([0], np.cumsum(indexed.sizes[first:last], dtype=np.int64)))
+    base = int(indexed.pointers[first]) // indexed.dtype.itemsize if first < len(indexed) else 0
+    ends = within[bounds[1:] - first]
+    return ends - within[bounds[:-1] - first], base + ends
+
+
+def stored_eos_flags(indexed: IndexedDataset, lo: int, hi: int, eos_id: int) -> np.ndarray:
+    """``flags[d]`` is True when document ``lo + d`` ends with a stored ``eos_id`` (as written by
+    ``--append-eod``); reads one token per document through a memory map of the ``.bin``.
+
+    Only the eos id is compared: for the BERT tokenizers eos is ``[PAD]`` (id 0, as in the
+    official GLM), and a rule such as "ignore pad tokens" would miss exactly those datasets."""
+    lengths, ends = _document_extents(indexed, lo, hi)
+    flags = np.zeros(lengths.size, dtype=bool)
+    nonempty = lengths > 0
+    if nonempty.any():
+        tokens = np.memmap(
+            data_file_path(indexed.path_prefix), dtype=indexed.dtype.newbyteorder("<"), mode="r"
+        )
+        flags[nonempty] = tokens[ends[nonempty] - 1] == eos_id
+        del tokens
+    return flags
+
+
+def _split_names(splits: Collection[str]) -> frozenset[str]:
+    names = frozenset(splits)
+    unknown = sorted(names - set(SPLIT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
+    return names
+
+
+def _eos_lookup(data_config: DataConfig, eos_id: int | None) -> Callable[[], int | None]:
+    """The eos id, or a function that builds the configured tokenizer to learn it the first time
+    it is asked (only short splits need it); None when no tokenizer can be built."""
+    memo: list[int | None] = [] if eos_id is None else [int(eos_id)]
+
+    def lookup() -> int | None:
+        if not memo:
+            try:
+                from megatron_glm.data.tokenizers import tokenizer_from_spec
+
+                memo.append(int(tokenizer_from_spec(data_config.tokenizer_spec).eos_id))
+            except Exception as err:  # noqa: BLE001 - the tokenizer's own check reports it
+                logger.debug("no tokenizer for the split check (%s): counting every [eos]", err)
+                memo.append(None)
+        return memo[0]
+
+    return lookup
+
+
+def _survey(
+    data_config: DataConfig, needed: frozenset[str], eos_of: Callable[[], int | None]
+) -> tuple[list[str], list[SplitShortfall]]:
+    """(problems: empty datasets and needed splits without a raw sample; shortfalls of splits this
+    run does not need). Reads ``.idx`` files, and the last token of each document of a split only
+    when the split could be too short (were every document's last token a stored ``[eos]``)."""
+    if not data_config.data_path:
+        return ["no --data-path given: no dataset to build samples from"], []
+    n = data_config.raw_sample_length
+    fractions = data_config.split_fractions
+    problems: list[str] = []
+    unused: list[SplitShortfall] = []
+    for weight, prefix in data_config.weighted_paths:
+        try:
+            indexed = IndexedDataset(prefix)
+        except (OSError, ValueError):
+            continue  # opening it again to build it (or the caller's own check) says why
+        total = indexed.num_documents
+        if total == 0:
+            problems.append(
+                f"{prefix}: empty dataset ({index_file_path(prefix)} lists 0 documents); make it "
+                "again with tools/preprocess_data.py (a --json-keys key that matched nothing?) or "
+                "remove it from --data-path"
+            )
+            continue
+        if weight is not None and weight <= 0:
+            continue  # contributes no samples
+        bounds = indexed.document_indices
+        for name, (lo, hi) in zip(SPLIT_NAMES, split_document_ranges(total, fractions)):
+            stored = int(np.sum(indexed.sizes[bounds[lo] : bounds[hi]], dtype=np.int64))
+            # at least stored + documents tokens, even if every document stores its [eos]
+            if hi > lo and samples_per_epoch(stored + (hi - lo), n) > 0:
+                continue
+            lengths = np.zeros(0, dtype=np.int64)
+            if hi > lo:
+                lengths, _ = _document_extents(indexed, lo, hi)
+                eos_id = eos_of()
+                if eos_id is not None:
+                    lengths = lengths - stored_eos_flags(indexed, lo, hi, eos_id)
+            shortfall = split_shortfall(
+                prefix,
+                name,
+                hi - lo,
+                packed_tokens(lengths),
+                n,
+                total_documents=total,
+                split=data_config.split,
+            )
+            if shortfall is None:
+                continue
+            if name in needed:
+                problems.append(shortfall.message())
+            elif hi > lo:  # a split given no share at all is no news
+                unused.append(shortfall)
+    return problems, unused
+
+
+def check_splits(
+    data_config: DataConfig, needed: Collection[str], eos_id: int | None = None
+) -> list[str]:
+    """One message per problem that would stop building the ``needed`` splits ("train", "valid",
+    "test"): an empty dataset (always), or a needed split of a positively weighted dataset with no
+    documents or too short for one raw sample. Cheap: reads the ``.idx`` files (and one token per
+    document of a nearly-too-short split); builds no sample index. Datasets that do not open are
+    skipped (opening them reports why). ``eos_id`` saves building the tokenizer, which only a
+    nearly-too-short split needs (to count the ``[eos]`` its documents already store)."""
+    problems, _ = _survey(data_config, _split_names(needed), _eos_lookup(data_config, eos_id))
+    return problems
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
@@ -59,11 +259,16 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
         raise
 
 
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class GLMDataset:
     """Raw packed samples of one indexed dataset restricted to a document range (one split).
 
     ``ds[i]`` -> ``{"text": int64 [raw_length], "index": i}``; ``len(ds)`` is the number of samples
-    the caller asked for (at least one epoch); any ``i >= 0`` is valid.
+    the caller asked for (at least one epoch); any ``i >= 0`` is valid. ``stored_eos[d]`` tells
+    whether the split's document d ends with a stored ``[eos]`` (packed without a second one).
     """
 
     def __init__(
@@ -91,37 +296,82 @@ class GLMDataset:
                 f"document range {document_range} of {prefix} is empty or outside "
                 f"its {self._indexed.num_documents} documents"
             )
-        token_starts = np.concatenate(([0], np.cumsum(self._indexed.sizes, dtype=np.int64)))
-        doc_bounds = np.asarray(self._indexed.document_indices, dtype=np.int64)
-        self._doc_lengths = (
-            token_starts[doc_bounds[lo + 1 : hi + 1]] - token_starts[doc_bounds[lo:hi]]
-        )  # [docs] in the split
+        stored, _ = _document_extents(self._indexed, lo, hi)  # [docs] in the split
+        self.stored_eos = self._stored_eos(stored)  # [docs]: the document stores its [eos]
+        self._doc_lengths = stored - self.stored_eos  # text only: the unit adds one [eos]
+        doc_bounds = self._indexed.document_indices
         self._single_sequence = bool(np.all(np.diff(doc_bounds[lo : hi + 1]) == 1))
-        units = int(self._doc_lengths.sum()) + 2 * (hi - lo)  # each doc + [CLS] + [eos]
-        n = self.raw_length
-        # window j starts at j * (n - 1), one later when it hits an [eos]; it must end in the epoch
-        self.samples_per_epoch = (units - n - 1) // (n - 1) + 1 if units >= n + 1 else 0
-        if self.samples_per_epoch == 0:
-            raise ValueError(
-                f"{prefix} split {name} ({hi - lo} documents, {units} tokens with "
-                f"[CLS]/[eos]) is shorter than one raw sample of {n} tokens"
-            )
+        n, packed = self.raw_length, packed_tokens(self._doc_lengths)
+        shortfall = split_shortfall(prefix, name, hi - lo, packed, n)
+        if shortfall is not None:
+            raise ValueError(shortfall.message())
+        self.samples_per_epoch = samples_per_epoch(packed, n)
         key = {
             "format": _INDEX_FORMAT,
             "documents": [lo, hi],
             "raw_length": n,
             "seed": self.seed,
-            "doc_lengths_sha": hashlib.sha256(self._doc_lengths.tobytes()).hexdigest(),
+            "doc_lengths_sha": hashlib.sha256(
+                self._doc_lengths.astype(np.int64).tobytes()
+            ).hexdigest(),
         }
-        self.cache_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.cache_key = _digest(key)
         self._salt = int(self.cache_key[:8], 16)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.num_samples = max(int(num_samples), self.samples_per_epoch)
         for epoch in range(math.ceil(self.num_samples / self.samples_per_epoch)):
             self._epoch(epoch)
+        if self.built_epochs:  # one line, not one per epoch: a small split may need many
+            logger.info(
+                "built the sample index of %s (%s): %d epoch(s) of %d samples, cached in %s",
+                self.prefix,
+                self.name,
+                len(self.built_epochs),
+                self.samples_per_epoch,
+                self.cache_dir,
+            )
 
     def __len__(self) -> int:
         return self.num_samples
+
+    # -- which documents store their [eos] ----------------------------------------------------
+
+    def _stored_eos(self, stored: np.ndarray) -> np.ndarray:
+        """Per document of the split: does it end with a stored ``[eos]``? Cached (reading one
+        token per document touches most pages of a large ``.bin``)."""
+        assert self._indexed is not None
+        lo, hi = self.document_range
+        key = {
+            "format": _INDEX_FORMAT,
+            "documents": [lo, hi],
+            "eos_id": self.eos_id,
+            "stored_lengths_sha": hashlib.sha256(stored.astype(np.int64).tobytes()).hexdigest(),
+        }
+        path = os.path.join(
+            self.cache_dir, f"{os.path.basename(self.prefix)}_glm_{_digest(key)}_eos.npy"
+        )
+        if os.path.isfile(path):
+            try:
+                flags = np.load(path, allow_pickle=False)
+                if flags.dtype == np.bool_ and flags.shape == stored.shape:
+                    return flags
+                logger.warning("ignoring %s: it does not match the documents", path)
+            except (OSError, ValueError) as err:
+                logger.warning("ignoring unreadable [eos] flags %s: %s", path, err)
+        flags = stored_eos_flags(self._indexed, lo, hi, self.eos_id)
+        logger.info(
+            "%s (%s): %d of %d documents store a trailing [eos], packed without a second one",
+            self.prefix,
+            self.name,
+            int(flags.sum()),
+            flags.size,
+        )
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            _save_atomic(path, flags)
+        except OSError as err:
+            logger.warning("could not cache the [eos] flags in %s (%s)", self.cache_dir, err)
+        return flags
 
     # -- the per-epoch index ------------------------------------------------------------------
 
@@ -166,7 +416,7 @@ class GLMDataset:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 for part, array in zip(("docs", "samples", "shuffle"), arrays):
                     _save_atomic(paths[part], array)
-                logger.info(
+                logger.debug(
                     "built sample index of %s (%s, epoch %d): %d samples, cached as %s",
                     self.prefix,
                     self.name,
@@ -279,46 +529,59 @@ class BlendedDataset:
 
 
 def build_glm_datasets(
-    data_config: DataConfig, tokenizer: Any, num_samples: tuple[int, int, int] = (0, 0, 0)
+    data_config: DataConfig,
+    tokenizer: Any,
+    num_samples: tuple[int, int, int] = (0, 0, 0),
+    splits: Collection[str] = SPLIT_NAMES,
 ) -> tuple[Any, Any, Any]:
-    """Train / valid / test datasets of raw samples (``None`` for a split without documents).
+    """Train / valid / test datasets of raw samples; ``None`` for a split not in ``splits``.
 
-    ``tokenizer`` supplies ``cls_id`` and ``eos_id``; the raw length is
-    ``data_config.raw_sample_length`` so that blank infilling fits ``seq_length``.
+    Only the ``splits`` named are built, so a split a run does not use never stops it (one that
+    could not give a sample is noted once in the log). A named split that has no documents or is
+    shorter than one raw sample, and an empty dataset, raise ``ValueError`` with the messages of
+    ``check_splits`` (one line each). ``tokenizer`` supplies ``cls_id`` and ``eos_id``; the raw
+    length is ``data_config.raw_sample_length`` (``--seq-length``).
     """
     if not data_config.data_path:
         raise ValueError("data_config.data_path is empty")
+    needed = _split_names(splits)
+    problems, unused = _survey(data_config, needed, _eos_lookup(data_config, tokenizer.eos_id))
+    if problems:
+        raise ValueError("\n".join(problems))
+    for shortfall in unused:
+        logger.info("%s; not built: this run does not use it", shortfall.description)
     raw_length = data_config.raw_sample_length
     fractions = data_config.split_fractions
+    # prefixes without weights (Megatron's "--data-path A B"): each dataset weighs its own size
+    weighted = [(w, p) for w, p in data_config.weighted_paths if w is None or w > 0]
     per_split: list[list[tuple[float, GLMDataset]]] = [[], [], []]
-    for weight, prefix in data_config.weighted_paths:
+    for weight, prefix in weighted:
         num_docs = IndexedDataset(prefix).num_documents
         for s, (lo, hi) in enumerate(split_document_ranges(num_docs, fractions)):
-            if hi > lo:
-                want = math.ceil(num_samples[s] * weight * 1.005) + 1 if weight > 0 else 0
-                ds = GLMDataset(
-                    prefix,
-                    (lo, hi),
-                    raw_length,
-                    data_config.seed,
-                    tokenizer.cls_id,
-                    tokenizer.eos_id,
-                    num_samples=want,
-                    name=SPLIT_NAMES[s],
-                    cache_dir=data_config.index_cache_dir,
-                )
-                per_split[s].append((weight, ds))
+            if SPLIT_NAMES[s] not in needed:
+                continue
+            ds = GLMDataset(
+                prefix,
+                (lo, hi),
+                raw_length,
+                data_config.seed,
+                tokenizer.cls_id,
+                tokenizer.eos_id,
+                num_samples=0 if weight is None else math.ceil(num_samples[s] * weight * 1.005) + 1,
+                name=SPLIT_NAMES[s],
+                cache_dir=data_config.index_cache_dir,
+            )
+            per_split[s].append((ds.samples_per_epoch if weight is None else weight, ds))
     result: list[Any] = []
-    for s in range(3):
+    for s, name in enumerate(SPLIT_NAMES):
         parts = per_split[s]
         if not parts:
             result.append(None)
-        elif len(data_config.weighted_paths) == 1:
+        elif len(parts) == 1:
             result.append(parts[0][1])
         else:
             size = max(num_samples[s], 1)
             result.append(BlendedDataset([d for _, d in parts], [w for w, _ in parts], size))
-        logger.info(
-            "%s: %s", SPLIT_NAMES[s], "none" if result[-1] is None else f"{len(result[-1])} samples"
-        )
+        if name in needed:
+            logger.info("%s: %d samples", name, len(result[-1]))
     return result[0], result[1], result[2]

@@ -1,7 +1,7 @@
 """Megatron-compatible indexed dataset: ``prefix.bin`` (token ids) + ``prefix.idx`` (index).
 
-Layout of ``prefix.idx`` (GLM_SPEC §6, little endian; byte-compatible with Megatron-Core's
-``MMIDIDX`` format, so either side reads the other's files)::
+Layout of ``prefix.idx`` (docs/data-formats.md#indexed-dataset-format; little endian;
+byte-compatible with Megatron-Core's ``MMIDIDX`` format, so either side reads the other's files)::
 
     offset  size        field
     0       9           magic b"MMIDIDX\\x00\\x00"

@@ -29,13 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from megatron_glm.config.data import TokenizerSpec
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
-from megatron_glm.data.tokenizers import GLMTokenizer, build_tokenizer
+from megatron_glm.data.tokenizers import is_valid_unicode, tokenizer_from_spec
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("skip", "fail")
 MAX_REPORTED_BAD_LINES = 20
+# Lines re-read to explain an output without documents (a --json-keys typo, empty texts, ...).
+DIAGNOSED_LINES = 10_000
 
 # A sentence ends after . ! ? (or a CJK stop) followed by whitespace, or at a blank line. The
 # whitespace stays with the sentence before it, so the sentences concatenate to the document.
@@ -43,22 +46,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|\n\s*\n\s*")
 
 
 class PreprocessError(ValueError):
-    """A bad input line under ``on_error='fail'`` (the message names file and line)."""
-
-
-@dataclass
-class TokenizerSpec:
-    """How a worker builds its own tokenizer (a tokenizer is rebuilt, never pickled)."""
-
-    tokenizer_type: str
-    tokenizer_model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-
-    def build(self) -> GLMTokenizer:
-        return build_tokenizer(
-            self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file
-        )
+    """A bad input line under ``on_error='fail'`` (the message names file and line), or an output
+    that would hold no document (the message says which json key and why)."""
 
 
 @dataclass
@@ -116,6 +105,7 @@ class PreprocessSummary:
     num_documents: int = 0
     num_empty_documents: int = 0
     num_tokens: dict[str, int] = field(default_factory=dict)
+    documents_written: dict[str, int] = field(default_factory=dict)  # key -> its output's documents
     num_bytes: int = 0
     num_bad_lines: int = 0
     bad_lines: list[BadLine] = field(default_factory=list)  # the first MAX_REPORTED_BAD_LINES
@@ -177,14 +167,6 @@ def iter_batches(paths: Sequence[str], batch_size: int, batch_bytes: int) -> Ite
 _JSON_DECODER = json.JSONDecoder()
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def parse_line(line: bytes, json_keys: Sequence[str]) -> dict[str, str] | str | None:
     """The texts of ``json_keys`` in one jsonl line; None for a blank line; an error message
     (str) for a bad one."""
@@ -219,7 +201,7 @@ class BatchEncoder:
         self.config = config
         # Rust tokenizers size their pool from this variable on first use.
         os.environ.setdefault("RAYON_NUM_THREADS", str(num_threads))
-        self.tokenizer = config.tokenizer.build()
+        self.tokenizer = tokenizer_from_spec(config.tokenizer)
         if hasattr(self.tokenizer, "num_threads"):
             self.tokenizer.num_threads = num_threads
         self.dtype = best_dtype(self.tokenizer.vocab_size)
@@ -243,7 +225,9 @@ class BatchEncoder:
         except Exception:
             # Valid JSON can still hold text no tokenizer accepts (a lone UTF-16 surrogate such
             # as "\ud800"); find those documents, report them as bad lines and encode the rest.
-            unencodable = [i for i, d in enumerate(docs) if not all(map(_is_utf8, d.values()))]
+            unencodable = [
+                i for i, d in enumerate(docs) if not all(map(is_valid_unicode, d.values()))
+            ]
             if not unencodable:
                 raise
             for i in unencodable:
@@ -326,9 +310,13 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessSummary:
 
     start = time.perf_counter()
     num_threads = max(1, available_cpus() // config.workers)
-    dtype = best_dtype(config.tokenizer.build().vocab_size)
+    dtype = best_dtype(tokenizer_from_spec(config.tokenizer).vocab_size)
     prefixes = {key: config.output_prefix_for(key) for key in config.json_keys}
-    summary = PreprocessSummary(prefixes, num_tokens=dict.fromkeys(config.json_keys, 0))
+    summary = PreprocessSummary(
+        prefixes,
+        num_tokens=dict.fromkeys(config.json_keys, 0),
+        documents_written=dict.fromkeys(config.json_keys, 0),
+    )
     builders = {key: IndexedDatasetBuilder(p, dtype) for key, p in prefixes.items()}
     # fork: workers start in milliseconds and inherit the imported modules; the parent never
     # encodes, so the tokenizers' thread pools are first created inside the workers.
@@ -367,12 +355,18 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessSummary:
                     encoded.tokens[key], encoded.sequence_lengths[key], encoded.document_ends[key]
                 )
                 summary.num_tokens[key] += int(encoded.tokens[key].size)
+                summary.documents_written[key] += int(encoded.document_ends[key].size)
             summary.num_documents += encoded.num_documents
             summary.num_empty_documents += encoded.num_empty_documents
             summary.num_bytes += encoded.num_bytes
             bar.update(encoded.num_documents)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{summary.num_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        # An empty dataset would only fail later, at training start: refuse it here (the
+        # builders are aborted below, so nothing is left behind).
+        empty = [key for key, count in summary.documents_written.items() if count == 0]
+        if empty:
+            raise PreprocessError(_no_documents_message(config, summary, empty))
         for builder in builders.values():
             builder.finalize()
     except BaseException:
@@ -401,6 +395,53 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessSummary:
         ", ".join(prefixes.values()),
     )
     return summary
+
+
+def _no_documents_message(
+    config: PreprocessConfig, summary: PreprocessSummary, empty_keys: list[str]
+) -> str:
+    """Why the outputs of ``empty_keys`` got no document, from the run's counts and the first
+    ``DIAGNOSED_LINES`` lines of the input (which keys their JSON objects hold)."""
+    head = (
+        f"no documents for json key{'s' * (len(empty_keys) > 1)} "
+        f"{', '.join(map(repr, empty_keys))}; nothing written to {config.output_prefix}_*: "
+    )
+    holding = dict.fromkeys(config.json_keys, 0)  # key -> objects with a string under it
+    found: set[str] = set()
+    lines = objects = 0
+    for batch in iter_batches(config.inputs, 1024, 1 << 20):
+        for line in batch.lines:
+            lines += 1
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                objects += 1
+                found.update(obj)
+                for key in holding:
+                    holding[key] += isinstance(obj.get(key), str)
+        if lines >= DIAGNOSED_LINES:
+            break
+    if objects == 0:
+        first_bad = f" (first: {summary.bad_lines[0]})" if summary.bad_lines else ""
+        return head + (
+            f"the input ({', '.join(config.inputs)}) holds no JSON object in its first "
+            f"{lines} lines{first_bad}"
+        )
+    unmatched = [key for key in config.json_keys if holding[key] == 0]
+    if unmatched:
+        return head + (
+            f"--json-keys {', '.join(map(repr, unmatched))} matched nothing: none of the first "
+            f"{objects} JSON objects of the input has a string under "
+            f"{'that key' if len(unmatched) == 1 else 'those keys'} (their keys: "
+            f"{', '.join(map(repr, sorted(found)))})"
+        )
+    return head + (
+        f"of {summary.num_documents} documents read, {summary.num_empty_documents} encoded to no "
+        f"tokens and {summary.num_bad_lines} lines were bad"
+        + (f" (first: {summary.bad_lines[0]})" if summary.bad_lines else "")
+    )
 
 
 def iter_texts(paths: Sequence[str], json_keys: Sequence[str]) -> Iterator[str]:

@@ -1,48 +1,55 @@
-"""Tokenizers with GLM's command tokens (GLM_SPEC §4).
+"""Tokenizers with GLM's command tokens (docs/tokenizers.md lists every type, file and id).
 
-``build_tokenizer(tokenizer_type, ...)`` returns a ``GLMTokenizer``:
+``build_tokenizer(tokenizer_type, ...)`` and ``tokenizer_from_spec(spec)`` return a
+``GLMTokenizer``; ``TOKENIZER_BUILDERS`` holds one builder per name of
+``megatron_glm.config.data.TOKENIZER_TYPES``. Command tokens come in two layouts:
 
-- ``SentencePieceTokenizer``: a ``.model`` trained by ``train_sentencepiece`` (or
-  ``tools/train_tokenizer.py``). The command tokens are reserved ids inside the model; which id is
-  which is recorded in the metadata file ``PREFIX.json`` next to ``PREFIX.model``, read and
-  checked against the model when it is loaded.
-- ``GPT2BPETokenizer``: byte-level BPE from the user's ``vocab.json`` + ``merges.txt`` (Rust
-  ``tokenizers``); command tokens appended after the vocabulary at the official GLM ids
-  (50257-base: eos/pad 50256, sop 50257, eop 50258, CLS 50259, MASK 50260, SEP 50261, UNK 50262,
-  gMASK 50263, sMASK 50264).
-- ``BertWordPieceLowerCase`` / ``BertWordPieceCase``: WordPiece from the user's ``vocab.txt``;
-  pad = eos = ``[PAD]``, CLS/SEP/UNK/MASK from the vocabulary, sop/eop/gMASK/sMASK appended
-  (30522, 30523, 30524, 30525 for the 30522-entry BERT vocabulary).
+- reserved: a sentencepiece model trained by ``train_sentencepiece`` (``tools/train_tokenizer.py``)
+  holds them as pieces, and ``PREFIX.json`` next to ``PREFIX.model`` records which id is which.
+- appended (the official GLM's): the text tokenizer knows nothing of them. They reuse some of its
+  entries or get ids after its vocabulary, and the input is split on their texts before the text
+  tokenizer sees it, exactly as the official ``Tokenizer.EncodeAsIds`` does. This is
+  ``ChineseSPTokenizer`` (any sentencepiece model without a metadata file), ``GPT2BPETokenizer``
+  (gpt2 and roberta vocabularies), the BERT WordPiece types and ``HuggingFaceTokenizer``.
 
-Command-token texts written in the input (``[MASK]``, ``[gMASK]``, ...) encode to the command ids,
-as in the official GLM (it splits text on command tokens before tokenizing). Nothing is
-downloaded: every tokenizer is built from files the user provides.
+With ``block_mask_token`` every tokenizer also has ``[dBLOCK]`` (``dblock_id``), one past its
+other ids, as the official code adds it for ``--block-mask-prob``.
+
+This module holds the shared machinery, the Rust ``tokenizers`` types and the registry; the
+sentencepiece types and the trainer live in ``megatron_glm.data.sentencepiece``. Nothing is
+downloaded: the files come from the user, or are the released GLM vocabularies bundled in
+``megatron_glm/data/vocab`` (used when no file is given).
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from megatron_glm.config.data import TOKENIZER_TYPES, TokenizerSpec
+
 logger = logging.getLogger(__name__)
 
-COMMAND_TOKEN_NAMES = ("pad", "eos", "cls", "mask", "smask", "gmask", "sop", "eop", "unk", "sep")
-# Characters whose presence in a token ends a sentence (GLM_SPEC §3 gap-sentence objective).
-SENTENCE_END_CHARS = frozenset(".?!;:\n。？！；：")
 
-TOKENIZER_TYPES = (
-    "SentencePieceTokenizer",
-    "GPT2BPETokenizer",
-    "BertWordPieceLowerCase",
-    "BertWordPieceCase",
-)
+COMMAND_TOKEN_NAMES = ("pad", "eos", "cls", "mask", "smask", "gmask", "sop", "eop", "unk", "sep")
+# Characters whose presence in a token ends a sentence (the gap-sentence objective,
+# docs/blank-infilling.md).
+SENTENCE_END_CHARS = frozenset(".?!;:\n。？！；：")
+VOCAB_DIR = Path(__file__).resolve().with_name("vocab")
+
+# The official command-token texts of the appended layouts.
+EOT, SOP, EOP = "<|endoftext|>", "<|startofpiece|>", "<|endofpiece|>"
+# The official add_decoder_mask token: block masking (--block-mask-prob) writes it into Part B.
+DBLOCK = "[dBLOCK]"
 
 
 def file_sha256(path: str) -> str:
@@ -51,6 +58,27 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def bundled_vocab_file(name: str) -> str:
+    """Path of a released vocabulary file shipped in ``megatron_glm/data/vocab``."""
+    path = VOCAB_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"bundled vocabulary {path} is missing (megatron_glm installed without its package "
+            "data?); pass the file explicitly"
+        )
+    return str(path)
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for text that cannot be UTF-8 encoded (a lone surrogate such as ``"\\ud800"``, which
+    JSON can escape): the C++/Rust tokenizers reject it with an opaque error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class GLMTokenizer(abc.ABC):
@@ -123,341 +151,352 @@ class GLMTokenizer(abc.ABC):
     unk_id = property(lambda self: self._command_tokens["unk"])
     sep_id = property(lambda self: self._command_tokens["sep"])
 
+    @property
+    def dblock_id(self) -> int | None:
+        """``[dBLOCK]`` when built with ``block_mask_token``, else None (blank infilling then
+        uses ``[MASK]`` for block masking)."""
+        return self._command_tokens.get("dblock")
+
     def __repr__(self) -> str:
         return f"{self.name}(vocab_size={self.vocab_size}, command_tokens={self._command_tokens})"
 
 
-# ---- SentencePiece -----------------------------------------------------------------------------
+# ---- Appended layout (the official GLM's) ------------------------------------------------------
 
-# Command-token pieces reserved in the models we train. UNK is sentencepiece's own unknown piece
-# (id 0); the others are user-defined symbols, so their text in the input maps to their id (in
-# C++). "\n" is reserved too: sentencepiece trains on lines and would otherwise never learn it,
-# and newlines end sentences and carry structure in code/docs.
-SP_UNK_PIECE = "[UNK]"
-SP_USER_SYMBOLS = {
-    "pad": "[pad]",
-    "eos": "[eos]",
+
+@dataclass(frozen=True)
+class CommandToken:
+    """One command token of the appended layout: ``text`` written in the input encodes to ``id``.
+    ``lstrip``: the token eats the whitespace before it (the official [MASK]/[gMASK]/[sMASK] of
+    the GPT-2 and Chinese tokenizers), so ``"a [MASK]"`` and ``"a[MASK]"`` encode alike."""
+
+    name: str
+    text: str
+    id: int
+    lstrip: bool = False
+
+
+# The official texts of the command tokens, and those that strip the whitespace before them.
+GLM_TEXTS = {
+    "pad": EOT,
+    "eos": EOT,
+    "sep": "[SEP]",
     "cls": "[CLS]",
     "mask": "[MASK]",
-    "smask": "[sMASK]",
+    "unk": "[UNK]",
+    "sop": SOP,
+    "eop": EOP,
     "gmask": "[gMASK]",
-    "sop": "[sop]",
-    "eop": "[eop]",
-    "sep": "[SEP]",
+    "smask": "[sMASK]",
 }
-SP_NEWLINE = "\n"
-SP_METADATA_FORMAT = "megatron_glm.sentencepiece"
+LSTRIP_NAMES = ("mask", "gmask", "smask")
 
 
-def sentencepiece_metadata_path(model_path: str) -> str:
-    root, ext = os.path.splitext(model_path)
-    return (root if ext == ".model" else model_path) + ".json"
+def command_layout(
+    ids: dict[str, int],
+    texts: dict[str, str] = GLM_TEXTS,
+    lstrip: Sequence[str] = LSTRIP_NAMES,
+) -> list[CommandToken]:
+    """Command tokens from name -> id, in the order of ``ids`` (the official list order)."""
+    return [CommandToken(name, texts[name], i, name in lstrip) for name, i in ids.items()]
 
 
-class SentencePieceTokenizer(GLMTokenizer):
-    name = "SentencePieceTokenizer"
+class AppendedTokenizer(GLMTokenizer):
+    """A text tokenizer (``_encode_segments``/``_decode_text``) under official command tokens.
 
-    def __init__(self, model_path: str, num_threads: int = -1) -> None:
-        import sentencepiece as spm
+    Encoding follows the official ``EncodeAsIds``: text that is only whitespace encodes to
+    nothing; otherwise it is split on the command texts, each piece of text between them is
+    encoded alone by the text tokenizer, and each command text becomes its id. The official code
+    splits once per command token; no command text overlaps another, so one alternation gives the
+    same pieces.
 
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"sentencepiece model {model_path} does not exist")
-        meta_path = sentencepiece_metadata_path(model_path)
-        if not os.path.isfile(meta_path):
-            raise ValueError(
-                f"sentencepiece model {model_path} has no metadata file {meta_path}: train it with "
-                "tools/train_tokenizer.py, which reserves the GLM command tokens and records them"
-            )
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        self.model_path = model_path
-        self.num_threads = num_threads
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
-        self._validate_metadata(meta, meta_path)
-        commands = {name: int(entry["id"]) for name, entry in meta["command_tokens"].items()}
-        super().__init__(commands, self._sp.get_piece_size())
+    ``block_mask_token`` appends ``[dBLOCK]`` at ``vocab_size``, after every other command token
+    (the official ``add_decoder_mask``); like the official token it strips no whitespace."""
 
-    def _validate_metadata(self, meta: dict[str, Any], meta_path: str) -> None:
-        if meta.get("format") != SP_METADATA_FORMAT:
-            raise ValueError(
-                f"{meta_path}: format {meta.get('format')!r} is not {SP_METADATA_FORMAT!r}"
-            )
-        size = self._sp.get_piece_size()
-        if meta.get("vocab_size") != size:
-            raise ValueError(
-                f"{meta_path}: vocab_size {meta.get('vocab_size')} does not match "
-                f"the model {self.model_path} ({size} pieces)"
-            )
-        sha = meta.get("model_sha256")
-        if sha is not None and sha != file_sha256(self.model_path):
-            raise ValueError(
-                f"{meta_path}: model_sha256 does not match {self.model_path} "
-                "(the metadata belongs to a different model)"
-            )
-        entries = meta.get("command_tokens", {})
-        missing = [n for n in COMMAND_TOKEN_NAMES if n not in entries]
-        if missing:
-            raise ValueError(f"{meta_path}: command tokens {missing} are missing")
-        for name, entry in entries.items():
-            token_id, text = int(entry["id"]), entry["text"]
-            if not 0 <= token_id < size or self._sp.id_to_piece(token_id) != text:
-                found = self._sp.id_to_piece(token_id) if 0 <= token_id < size else "<none>"
-                raise ValueError(
-                    f"{meta_path}: command token {name} should be {text!r} at id "
-                    f"{token_id}, but the model has {found!r} there"
-                )
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), num_threads=self.num_threads)
-
-    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        # The C++ side fills int32 buffers directly: no Python int objects per token.
-        return self._sp.encode(list(texts), num_threads=self.num_threads, return_type="numpy")
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-    def _token_texts(self) -> list[str]:
-        texts = []
-        for i in range(self._sp.get_piece_size()):
-            piece = self._sp.id_to_piece(i)
-            if self._sp.is_byte(i):
-                value = int(piece[3:5], 16)  # "<0x0A>"
-                texts.append(chr(value) if value < 0x80 else "")
-            elif self._sp.is_control(i) or self._sp.is_unknown(i):
-                texts.append("")
-            else:
-                texts.append(piece.replace("\u2581", " "))
-        return texts
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "type": self.name,
-            "vocab_size": self.vocab_size,
-            "command_tokens": self.command_tokens,
-            "model_file": os.path.abspath(self.model_path),
-            "model_sha256": file_sha256(self.model_path),
-        }
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"model_path": self.model_path, "num_threads": self.num_threads}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["model_path"], state["num_threads"])
-
-
-def train_sentencepiece(
-    texts: Iterable[str],
-    output_prefix: str,
-    vocab_size: int,
-    model_type: str = "unigram",
-    max_sentences: int = 200_000,
-    character_coverage: float = 0.9995,
-    byte_fallback: bool = True,
-    num_threads: int | None = None,
-    seed: int = 1234,
-) -> str:
-    """Train a sentencepiece model on the lines of ``texts``; write ``PREFIX.model``,
-    ``PREFIX.vocab`` and ``PREFIX.json`` (command-token ids). Returns the model path.
-
-    At most ``max_sentences`` non-empty lines are used (a seeded sample), which bounds the
-    training time. Normalisation is the identity and whitespace is kept, so
-    ``decode(encode(text)) == text`` for code and indented text.
-    """
-    import sentencepiece as spm
-
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
-    reserved = 1 + len(SP_USER_SYMBOLS) + 1 + (256 if byte_fallback else 0)
-    if vocab_size <= reserved:
-        raise ValueError(f"vocab_size {vocab_size} must exceed the {reserved} reserved pieces")
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]
-    if not lines:
-        raise ValueError("no non-empty text to train the tokenizer on")
-    if len(lines) > max_sentences:
-        keep = np.random.default_rng(seed).choice(len(lines), size=max_sentences, replace=False)
-        lines = [lines[i] for i in np.sort(keep)]
-    logger.info(
-        "training a %s sentencepiece model of %d pieces on %d lines",
-        model_type,
-        vocab_size,
-        len(lines),
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=output_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        unk_id=0,
-        unk_piece=SP_UNK_PIECE,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        user_defined_symbols=[*SP_USER_SYMBOLS.values(), SP_NEWLINE],
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
-    model_path = output_prefix + ".model"
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    commands = {"unk": {"id": sp.piece_to_id(SP_UNK_PIECE), "text": SP_UNK_PIECE}}
-    for name, text in SP_USER_SYMBOLS.items():
-        commands[name] = {"id": sp.piece_to_id(text), "text": text}
-    meta = {
-        "format": SP_METADATA_FORMAT,
-        "version": 1,
-        "model_file": os.path.basename(model_path),
-        "model_sha256": file_sha256(model_path),
-        "vocab_size": sp.get_piece_size(),
-        "command_tokens": {name: commands[name] for name in COMMAND_TOKEN_NAMES},
-        "newline_id": sp.piece_to_id(SP_NEWLINE),
-        "trainer": {
-            "model_type": model_type,
-            "max_sentences": max_sentences,
-            "num_lines": len(lines),
-            "character_coverage": character_coverage,
-            "byte_fallback": byte_fallback,
-            "seed": seed,
-        },
-    }
-    with open(sentencepiece_metadata_path(model_path), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    return model_path
-
-
-# ---- Rust `tokenizers` (GPT-2 byte-level BPE, BERT WordPiece) ----------------------------------
-
-
-class _HFTokenizer(GLMTokenizer):
-    """Shared encode/decode over a ``tokenizers.Tokenizer`` whose command tokens are special
-    tokens (matched in the input text, never split)."""
+    _decode_separator = ""
 
     def __init__(
-        self, tokenizer: Any, command_tokens: dict[str, int], files: dict[str, str]
+        self,
+        commands: Sequence[CommandToken],
+        vocab_size: int,
+        num_text_ids: int,
+        block_mask_token: bool = False,
     ) -> None:
-        self._tok = tokenizer
-        self._files = files
-        super().__init__(command_tokens, tokenizer.get_vocab_size(with_added_tokens=True))
+        if block_mask_token:
+            commands = [*commands, CommandToken("dblock", DBLOCK, vocab_size)]
+            vocab_size += 1
+        # Later entries win where two share a text or an id, as in the official lookup dicts.
+        self._text_to_id = {c.text: c.id for c in commands}
+        self._id_to_text = {c.id: c.text for c in commands}
+        self._lstrip = frozenset(c.text for c in commands if c.lstrip)
+        by_length = sorted(self._text_to_id, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, by_length)))
+        self._num_text_ids = num_text_ids
+        self._commands = list(commands)
+        super().__init__({c.name: c.id for c in commands}, vocab_size)
+
+    @abc.abstractmethod
+    def _encode_segments(self, segments: list[str]) -> list[list[int]]: ...
+
+    @abc.abstractmethod
+    def _decode_text(self, ids: list[int]) -> str: ...
+
+    @abc.abstractmethod
+    def _text_token_texts(self) -> list[str]:
+        """Surface text of the text tokenizer's ids ``0 .. num_text_ids - 1``."""
+
+    def _split(self, text: str) -> list[str | int]:
+        if not text.strip():
+            return []
+        parts: list[str | int] = []
+        start = 0
+        for match in self._pattern.finditer(text):
+            before = text[start : match.start()]
+            if match.group() in self._lstrip:
+                before = before.rstrip()
+            if before:
+                parts.append(before)
+            parts.append(self._text_to_id[match.group()])
+            start = match.end()
+        if start < len(text):
+            parts.append(text[start:])
+        return parts
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch_fast skips the character offsets we never use (tokenizers >= 0.20).
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        # All pieces of text of the batch go to the text tokenizer in one call.
+        parts = [self._split(t) for t in texts]
+        segments = [p for ps in parts for p in ps if isinstance(p, str)]
+        encoded = iter(self._encode_segments(segments) if segments else [])
+        result = []
+        for ps in parts:
+            if len(ps) == 1 and isinstance(ps[0], str):  # the common case: no command text
+                result.append(next(encoded))
+                continue
+            ids: list[int] = []
+            for p in ps:
+                if isinstance(p, str):
+                    ids.extend(next(encoded))
+                else:
+                    ids.append(p)
+            result.append(ids)
+        return result
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        out: list[str] = []
+        run: list[int] = []
+        for i in map(int, ids):
+            text = self._id_to_text.get(i)
+            if text is None:
+                if 0 <= i < self._num_text_ids:  # ids the official layout leaves unused: ''
+                    run.append(i)
+                continue
+            if run:
+                out.append(self._decode_text(run))
+                run = []
+            out.append(text)
+        if run:
+            out.append(self._decode_text(run))
+        return self._decode_separator.join(out)
 
     def _token_texts(self) -> list[str]:
-        return self._tok.decode_batch(
-            [[i] for i in range(self.vocab_size)], skip_special_tokens=True
-        )
+        return self._text_token_texts() + [""] * (self.vocab_size - self._num_text_ids)
 
     def metadata(self) -> dict[str, Any]:
+        files = self._source_files
         return {
             "type": self.name,
             "vocab_size": self.vocab_size,
             "command_tokens": self.command_tokens,
-            "files": {k: os.path.abspath(p) for k, p in self._files.items()},
-            "sha256": {k: file_sha256(p) for k, p in self._files.items()},
+            "command_texts": {c.name: c.text for c in self._commands},
+            "options": {k: v for k, v in self._init_kwargs.items() if k not in files},
+            "files": {k: os.path.abspath(p) for k, p in files.items()},
+            "sha256": {k: file_sha256(p) for k, p in files.items()},
         }
 
+    # Set by each subclass before this __init__: its constructor arguments (worker processes
+    # rebuild the tokenizer from them instead of pickling C++/Rust state) and its files.
+    _init_kwargs: dict[str, Any]
+    _source_files: dict[str, str]
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"files": self._files}
+        return dict(self._init_kwargs)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state["files"])
+        self.__init__(**state)
 
 
-def _add_command_tokens(tok: Any, texts: dict[str, str]) -> dict[str, int]:
-    """Register ``texts`` (name -> token text) as special tokens, in order; existing vocabulary
-    entries keep their ids, new ones are appended. Returns name -> id."""
-    from tokenizers import AddedToken
-
-    unique = list(dict.fromkeys(texts.values()))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in unique])
-    return {name: tok.token_to_id(text) for name, text in texts.items()}
+# ---- Rust `tokenizers` (byte-level BPE, WordPiece, tokenizer.json) ------------------------------
 
 
-class GPT2BPETokenizer(_HFTokenizer):
+class _RustTokenizer(AppendedTokenizer):
+    def __init__(
+        self,
+        tok: Any,
+        commands: Sequence[CommandToken],
+        vocab_size: int,
+        num_text_ids: int,
+        block_mask_token: bool,
+    ) -> None:
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        super().__init__(commands, vocab_size, num_text_ids, block_mask_token)
+
+    def _encode_segments(self, segments: list[str]) -> list[list[int]]:
+        # encode_batch_fast skips the character offsets we never use (tokenizers >= 0.20).
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(segments, add_special_tokens=False)]
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _text_token_texts(self) -> list[str]:
+        ids = [[i] for i in range(self._num_text_ids)]
+        return self._tok.decode_batch(ids, skip_special_tokens=True)
+
+
+def _require_files(kind: str, *paths: str) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{kind} file {path} does not exist")
+
+
+def _require_entries(vocab: dict[str, int], texts: Iterable[str], source: str) -> None:
+    missing = sorted({t for t in texts if t not in vocab})
+    if missing:
+        raise ValueError(f"{source}: the vocabulary lacks {missing}")
+
+
+GPT2_MODEL_TYPES = ("gpt2", "roberta")
+
+
+def _gpt2_commands(
+    vocab: dict[str, int], model_type: str, vocab_file: str
+) -> tuple[list[CommandToken], int]:
+    """The official GPT2BPETokenizer's command tokens for a vocabulary of ``len(vocab)`` entries."""
+    n = len(vocab)
+    if max(vocab.values(), default=-1) >= n:
+        raise ValueError(f"{vocab_file}: ids are not 0..{n - 1} ({n} entries)")
+    if model_type == "roberta":
+        # RoBERTa's own specials serve as pad/eos/sep, CLS, MASK and UNK; four tokens appended.
+        _require_entries(vocab, ("<s>", "</s>", "<mask>", "<unk>"), vocab_file)
+        eos = vocab["</s>"]
+        ids = {"pad": eos, "eos": eos, "sep": eos, "cls": vocab["<s>"], "mask": vocab["<mask>"]}
+        ids |= {"unk": vocab["<unk>"], "sop": n, "eop": n + 1, "gmask": n + 2, "smask": n + 3}
+        return command_layout(ids), n + 4
+    eot = vocab.get(EOT)
+    if eot is None:  # the official code requires it; we append it before the GLM tokens
+        logger.warning("%s has no %s; it is appended at id %d", vocab_file, EOT, n)
+        eot, n = n, n + 1
+    appended = ("sop", "eop", "cls", "mask", "sep", "unk", "gmask", "smask")
+    ids = {"pad": eot, "eos": eot} | {name: n + k for k, name in enumerate(appended)}
+    return command_layout(ids), n + len(appended)
+
+
+class GPT2BPETokenizer(_RustTokenizer):
+    """Byte-level BPE (``vocab.json`` + ``merges.txt``) with the official command tokens of the
+    ``gpt2`` or ``roberta`` model type; without files, the released ones of that type."""
+
     name = "GPT2BPETokenizer"
-    # Appended after the 50257 GPT-2 entries in this order -> the official GLM ids 50257..50264.
-    COMMAND_TEXTS = {
-        "eos": "<|endoftext|>",
-        "pad": "<|endoftext|>",
-        "sop": "<|startofpiece|>",
-        "eop": "<|endofpiece|>",
-        "cls": "[CLS]",
-        "mask": "[MASK]",
-        "sep": "[SEP]",
-        "unk": "[UNK]",
-        "gmask": "[gMASK]",
-        "smask": "[sMASK]",
-    }
 
-    def __init__(self, vocab_file: str, merge_file: str) -> None:
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        merge_file: str | None = None,
+        model_type: str = "gpt2",
+        block_mask_token: bool = False,
+    ) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        for path in (vocab_file, merge_file):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"GPT-2 BPE file {path} does not exist")
+        if model_type not in GPT2_MODEL_TYPES:
+            raise ValueError(
+                f"GPT2BPETokenizer model type {model_type!r} is not one of {GPT2_MODEL_TYPES}"
+            )
+        if (vocab_file is None) != (merge_file is None):
+            raise ValueError(
+                f"GPT2BPETokenizer needs both --vocab-file and --merge-file (or neither, for the "
+                f"bundled {model_type} files); got vocab_file={vocab_file!r}, "
+                f"merge_file={merge_file!r}"
+            )
+        vocab_file = vocab_file or bundled_vocab_file(f"{model_type}-vocab.json")
+        merge_file = merge_file or bundled_vocab_file(f"{model_type}-merges.txt")
+        _require_files("GPT-2 BPE", vocab_file, merge_file)
+        self._init_kwargs = dict(
+            vocab_file=vocab_file,
+            merge_file=merge_file,
+            model_type=model_type,
+            block_mask_token=block_mask_token,
+        )
+        self._source_files = {"vocab_file": vocab_file, "merge_file": merge_file}
         tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        # The official pattern is GPT-2's, without a prefix space: ByteLevel's default regex.
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        base = tok.get_vocab_size(with_added_tokens=False)
-        if tok.token_to_id(self.COMMAND_TEXTS["eos"]) is None:
-            logger.warning("%s has no <|endoftext|>; it is appended at id %d", vocab_file, base)
-        commands = _add_command_tokens(tok, self.COMMAND_TEXTS)
-        if base == 50257 and commands["eos"] != 50256:
-            raise ValueError(
-                f"{vocab_file}: <|endoftext|> is id {commands['eos']}, the GPT-2 "
-                "vocabulary has it at 50256"
-            )
-        super().__init__(tok, commands, {"vocab_file": vocab_file, "merge_file": merge_file})
+        vocab = tok.get_vocab(with_added_tokens=False)
+        commands, vocab_size = _gpt2_commands(vocab, model_type, vocab_file)
+        super().__init__(tok, commands, vocab_size, len(vocab), block_mask_token)
 
 
-class BertWordPieceTokenizer(_HFTokenizer):
+# The official names (its PRETRAINED_VOCAB_ARCHIVE_MAP).
+BERT_MODEL_TYPES = tuple(
+    f"bert-{name}" for name in ("base-uncased", "large-uncased", "base-cased", "large-cased")
+) + ("bert-base-multilingual-uncased", "bert-base-multilingual-cased", "bert-base-chinese")
+# The official repository ships one uncased vocabulary under both uncased names.
+BUNDLED_BERT_VOCABS = {
+    "bert-base-uncased": "bert-base-uncased-vocab.txt",
+    "bert-large-uncased": "bert-base-uncased-vocab.txt",
+}
+
+
+def bert_lower_case(model_type: str) -> bool:
+    """The official rule: lower-case (and strip accents) unless the name says cased or Chinese."""
+    return not ("-cased" in model_type or "chinese" in model_type)
+
+
+def bert_vocab_file(model_type: str) -> str:
+    if model_type not in BERT_MODEL_TYPES:
+        raise ValueError(f"BERT model type {model_type!r} is not one of {BERT_MODEL_TYPES}")
+    if model_type not in BUNDLED_BERT_VOCABS:
+        raise ValueError(
+            f"no vocabulary for {model_type!r} is bundled (only {sorted(BUNDLED_BERT_VOCABS)}); "
+            "pass its vocab.txt with --vocab-file"
+        )
+    return bundled_vocab_file(BUNDLED_BERT_VOCABS[model_type])
+
+
+class BertWordPieceTokenizer(_RustTokenizer):
+    """WordPiece from a BERT ``vocab.txt``: [PAD] (also eos), [CLS], [MASK], [UNK], [SEP] from the
+    vocabulary, sop, eop, gMASK, sMASK appended after it, as the official code does."""
+
     name = "BertWordPieceLowerCase"
-    IN_VOCAB = {
-        "pad": "[PAD]",
-        "eos": "[PAD]",
-        "cls": "[CLS]",
-        "sep": "[SEP]",
-        "unk": "[UNK]",
-        "mask": "[MASK]",
-    }
-    APPENDED = {
-        "sop": "<|startofpiece|>",
-        "eop": "<|endofpiece|>",
-        "gmask": "[gMASK]",
-        "smask": "[sMASK]",
-    }
+    _decode_separator = " "
 
-    def __init__(self, vocab_file: str, lower_case: bool = True) -> None:
+    def __init__(
+        self,
+        vocab_file: str,
+        lower_case: bool = True,
+        name: str = "BertWordPieceLowerCase",
+        block_mask_token: bool = False,
+    ) -> None:
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"BERT vocab file {vocab_file} does not exist")
+        _require_files("BERT vocab", vocab_file)
+        self._init_kwargs = dict(
+            vocab_file=vocab_file,
+            lower_case=lower_case,
+            name=name,
+            block_mask_token=block_mask_token,
+        )
+        self._source_files = {"vocab_file": vocab_file}
+        self.name = name
+        self.lower_case = lower_case
         vocab = models.WordPiece.read_file(vocab_file)
-        model = models.WordPiece(vocab, unk_token="[UNK]")
-        missing = sorted({t for t in self.IN_VOCAB.values() if t not in vocab})
-        if missing:
-            raise ValueError(f"{vocab_file}: BERT vocabulary lacks {missing}")
-        tok = Tokenizer(model)
+        in_vocab = ("[PAD]", "[CLS]", "[MASK]", "[UNK]", "[SEP]")
+        _require_entries(vocab, in_vocab, vocab_file)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True,
             handle_chinese_chars=True,
@@ -466,16 +505,199 @@ class BertWordPieceTokenizer(_HFTokenizer):
         )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        commands = _add_command_tokens(tok, {**self.IN_VOCAB, **self.APPENDED})
-        self.lower_case = lower_case
-        self.name = "BertWordPieceLowerCase" if lower_case else "BertWordPieceCase"
-        super().__init__(tok, commands, {"vocab_file": vocab_file})
+        n = len(vocab)
+        ids = {t.strip("[]").lower(): vocab[t] for t in in_vocab} | {"eos": vocab["[PAD]"]}
+        ids |= {"sop": n, "eop": n + 1, "gmask": n + 2, "smask": n + 3}
+        # The official BERT tokens strip no whitespace (WordPiece ignores it anyway).
+        commands = command_layout(ids, {**GLM_TEXTS, "pad": "[PAD]", "eos": "[PAD]"}, lstrip=())
+        super().__init__(tok, commands, n + 4, n, block_mask_token)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["files"]["vocab_file"], lower_case=state["lower_case"])
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"files": self._files, "lower_case": self.lower_case}
+# Texts a tokenizer.json may hold for a command token besides GLM's own, in the order new tokens
+# are appended. The first one that is a special token is reused, else the first in the
+# vocabulary, else GLM's text is appended: this gives the official ids for the GPT-2, RoBERTa
+# and BERT tokenizer.json files.
+HF_COMMAND_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "eos": ("</s>", "<|end_of_text|>", "<eos>", "[PAD]", "<pad>"),
+    "sop": (),
+    "eop": (),
+    "cls": ("<s>", "<|begin_of_text|>", "<bos>"),
+    "mask": ("<mask>",),
+    "sep": ("<sep>", "</s>"),
+    "unk": ("<unk>",),
+    "gmask": (),
+    "smask": (),
+}
+
+
+class HuggingFaceTokenizer(_RustTokenizer):
+    """A ``tokenizer.json`` (or a directory holding one), read by the Rust ``tokenizers`` package;
+    GLM's command tokens reuse its special tokens where ``HF_COMMAND_CANDIDATES`` finds them and
+    are appended as special tokens otherwise (``[dBLOCK]``, when asked for, after them). pad is
+    eos, as in every official GLM tokenizer. In the input, GLM's command texts and the reused
+    tokens' own texts encode to the command ids."""
+
+    name = "HuggingFaceTokenizer"
+
+    def __init__(self, model_path: str, block_mask_token: bool = False) -> None:
+        from tokenizers import AddedToken, Tokenizer, decoders
+
+        path = model_path
+        if os.path.isdir(model_path):
+            path = os.path.join(model_path, "tokenizer.json")
+        _require_files("tokenizer.json", path)
+        self._init_kwargs = {"model_path": model_path, "block_mask_token": block_mask_token}
+        self._source_files = {"tokenizer_file": path}
+        tok = Tokenizer.from_file(path)
+        vocab = tok.get_vocab(with_added_tokens=True)
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        num_text_ids = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        texts = {}
+        for name, others in HF_COMMAND_CANDIDATES.items():
+            candidates = (GLM_TEXTS[name], *others)
+            found = [t for t in candidates if t in special] or [t for t in candidates if t in vocab]
+            texts[name] = (found or candidates)[0]
+        new = [t for t in dict.fromkeys(texts.values()) if t not in vocab]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        ids = {"pad": tok.token_to_id(texts["eos"])}
+        ids |= {name: tok.token_to_id(text) for name, text in texts.items()}
+        # GLM's texts always work; the reused tokens' own texts too (listed last: decode shows them).
+        commands = command_layout(ids)
+        commands += command_layout(
+            {n: ids[n] for n, t in texts.items() if t != GLM_TEXTS[n]}, texts
+        )
+        if isinstance(tok.decoder, decoders.WordPiece):  # WordPiece pieces print space-separated
+            self._decode_separator = " "
+        logger.info("%s: GLM command tokens %s, appended %s", path, ids, new)
+        vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(ids.values()) + 1)
+        super().__init__(tok, commands, vocab_size, num_text_ids, block_mask_token)
+
+
+# ---- Registry -----------------------------------------------------------------------------------
+
+# TokenizerSpec fields that name files or options; the flag of each is "--" + dashed name.
+_OPTIONS = (
+    "tokenizer_model",
+    "vocab_file",
+    "merge_file",
+    "tokenizer_model_type",
+    "fix_command_token",
+)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TokenizerBuilder:
+    """How one ``--tokenizer-type`` is built, and which spec fields it reads (setting any other
+    draws a warning that it has no effect)."""
+
+    build: Callable[[TokenizerSpec], GLMTokenizer]
+    uses: frozenset[str]
+
+
+def _need(spec: TokenizerSpec, field: str) -> str:
+    value = getattr(spec, field)
+    if not value:
+        raise ValueError(f"tokenizer type {spec.tokenizer_type} needs {_flag(field)}")
+    return value
+
+
+# The sentencepiece types subclass this module's classes, so megatron_glm.data.sentencepiece imports
+# this module; the builders below import that one only when called, so loading stays one-way.
+
+
+def _build_sentencepiece(spec: TokenizerSpec) -> GLMTokenizer:
+    from megatron_glm.data.sentencepiece import (
+        SentencePieceTokenizer,
+        sentencepiece_metadata_path,
+    )
+
+    model = _need(spec, "tokenizer_model")
+    if os.path.isfile(model) and not os.path.isfile(sentencepiece_metadata_path(model)):
+        logger.info("%s has no metadata file: command tokens appended as ChineseSPTokenizer", model)
+        return _build_chinese_sp(spec)
+    if spec.fix_command_token:
+        logger.warning("--fix-command-token has no effect on %s (it has a metadata file)", model)
+    return SentencePieceTokenizer(model, block_mask_token=spec.block_mask_token)
+
+
+def _build_chinese_sp(spec: TokenizerSpec) -> GLMTokenizer:
+    from megatron_glm.data.sentencepiece import ChineseSPTokenizer
+
+    return ChineseSPTokenizer(
+        spec.tokenizer_model,
+        fix_command_token=spec.fix_command_token,
+        block_mask_token=spec.block_mask_token,
+    )
+
+
+def _build_bert(spec: TokenizerSpec) -> GLMTokenizer:
+    if spec.tokenizer_type == "BertWordPieceTokenizer":
+        model_type = spec.tokenizer_model_type or "bert-large-uncased"  # the official default
+        vocab_file = spec.vocab_file or bert_vocab_file(model_type)
+        if model_type not in BERT_MODEL_TYPES:
+            raise ValueError(f"BERT model type {model_type!r} is not one of {BERT_MODEL_TYPES}")
+        lower_case = bert_lower_case(model_type)
+    elif spec.tokenizer_type == "BertWordPieceLowerCase":
+        vocab_file = spec.vocab_file or bert_vocab_file("bert-base-uncased")
+        lower_case = True
+    else:
+        vocab_file, lower_case = _need(spec, "vocab_file"), False
+    return BertWordPieceTokenizer(
+        vocab_file,
+        lower_case=lower_case,
+        name=spec.tokenizer_type,
+        block_mask_token=spec.block_mask_token,
+    )
+
+
+# Every type reads block_mask_token (it is not a flag of its own: --block-mask-prob sets it).
+_SP = frozenset({"tokenizer_model", "fix_command_token"})
+TOKENIZER_BUILDERS: dict[str, TokenizerBuilder] = {
+    "SentencePieceTokenizer": TokenizerBuilder(_build_sentencepiece, _SP),
+    "ChineseSPTokenizer": TokenizerBuilder(_build_chinese_sp, _SP),
+    "GPT2BPETokenizer": TokenizerBuilder(
+        lambda s: GPT2BPETokenizer(
+            s.vocab_file,
+            s.merge_file,
+            s.tokenizer_model_type or "gpt2",
+            block_mask_token=s.block_mask_token,
+        ),
+        frozenset({"vocab_file", "merge_file", "tokenizer_model_type"}),
+    ),
+    "BertWordPieceTokenizer": TokenizerBuilder(
+        _build_bert, frozenset({"vocab_file", "tokenizer_model_type"})
+    ),
+    "BertWordPieceLowerCase": TokenizerBuilder(_build_bert, frozenset({"vocab_file"})),
+    "BertWordPieceCase": TokenizerBuilder(_build_bert, frozenset({"vocab_file"})),
+    "HuggingFaceTokenizer": TokenizerBuilder(
+        lambda s: HuggingFaceTokenizer(
+            _need(s, "tokenizer_model"), block_mask_token=s.block_mask_token
+        ),
+        frozenset({"tokenizer_model"}),
+    ),
+}
+
+
+def tokenizer_from_spec(spec: TokenizerSpec) -> GLMTokenizer:
+    """The tokenizer ``spec`` describes, built from local files (or the bundled vocabularies)."""
+    builder = TOKENIZER_BUILDERS.get(spec.tokenizer_type)
+    if builder is None:
+        raise ValueError(
+            f"unknown tokenizer type {spec.tokenizer_type!r}; choose from "
+            f"{', '.join(TOKENIZER_BUILDERS)}"
+        )
+    for field in _OPTIONS:
+        if getattr(spec, field) and field not in builder.uses:
+            logger.warning(
+                "%s has no effect on tokenizer type %s", _flag(field), spec.tokenizer_type
+            )
+    tokenizer = builder.build(spec)
+    logger.debug("built %r", tokenizer)
+    return tokenizer
 
 
 def build_tokenizer(
@@ -483,27 +705,27 @@ def build_tokenizer(
     tokenizer_model: str | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
+    tokenizer_model_type: str | None = None,
+    fix_command_token: bool = False,
+    block_mask_token: bool = False,
 ) -> GLMTokenizer:
-    """The tokenizer named by ``tokenizer_type`` (Megatron's names), built from local files."""
+    """The tokenizer named by ``tokenizer_type`` (Megatron's and the official GLM's names);
+    ``block_mask_token`` adds ``[dBLOCK]`` (what ``--block-mask-prob`` > 0 asks for)."""
+    return tokenizer_from_spec(
+        TokenizerSpec(
+            tokenizer_type=tokenizer_type,
+            tokenizer_model=tokenizer_model,
+            vocab_file=vocab_file,
+            merge_file=merge_file,
+            tokenizer_model_type=tokenizer_model_type,
+            fix_command_token=fix_command_token,
+            block_mask_token=block_mask_token,
+        )
+    )
 
-    def need(value: str | None, flag: str) -> str:
-        if not value:
-            raise ValueError(f"tokenizer type {tokenizer_type} needs {flag}")
-        return value
 
-    if tokenizer_type == "SentencePieceTokenizer":
-        tokenizer: GLMTokenizer = SentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
-    elif tokenizer_type == "GPT2BPETokenizer":
-        tokenizer = GPT2BPETokenizer(
-            need(vocab_file, "--vocab-file"), need(merge_file, "--merge-file")
-        )
-    elif tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
-        tokenizer = BertWordPieceTokenizer(
-            need(vocab_file, "--vocab-file"), lower_case=tokenizer_type == "BertWordPieceLowerCase"
-        )
-    else:
-        raise ValueError(
-            f"unknown tokenizer type {tokenizer_type!r}; choose from {', '.join(TOKENIZER_TYPES)}"
-        )
-    logger.debug("built %r", tokenizer)
-    return tokenizer
+# Names that moved to megatron_glm.data.sentencepiece but that a caller still imports from here
+# (benchmarks/bench_preprocess.py). Resolved on first use: an import at load time would be
+# circular.
+# One builder per name the configuration accepts (the argparse choices come from the same tuple).
+assert tuple(TOKENIZER_BUILDERS) == TOKENIZER_TYPES, (tuple(TOKENIZER_BUILDERS), TOKENIZER_TYPES)

@@ -1,4 +1,7 @@
-"""Attention with GLM's Part A / Part B mask (GLM_SPEC §2), behind interchangeable backends.
+"""Attention with GLM's Part A / Part B mask, behind interchangeable backends.
+
+The mask and the reference numerics: docs/model.md#inputs-2d-positions-and-the-mask and
+docs/model.md#attention-backends.
 
 Shape legend: b batch, n heads (per TP rank), sq queries, sk keys, d head dim.
 
@@ -16,7 +19,8 @@ decides how to apply it:
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse ``BlockMask`` built from the
   same predicate, compiled on CUDA. No attention dropout; on CPU it runs the unfused forward only
   (torch has no CPU backward for it) - use it on CPU for checks, not training.
-- ``auto``: ``flex`` on CUDA when dropout is inactive, else ``sdpa``.
+- ``auto``: ``flex`` on CUDA when dropout is inactive; ``dense`` on CPU while attention dropout is
+  active (``resolve_backend`` says why); else ``sdpa``.
 """
 
 from __future__ import annotations

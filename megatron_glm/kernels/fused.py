@@ -2,10 +2,10 @@
 
 Shape legend: any leading shape ``[..., f]``; ``bias`` is ``[f]`` and broadcasts over the rest.
 
-- ``bias_gelu(bias, y, impl)`` = GeLU-tanh(y + bias) (GLM_SPEC §1). ``impl="eager"`` is an
-  autograd function with the analytic derivative, so backward keeps only ``bias`` and ``y`` instead
-  of every intermediate of the tanh formula (less activation memory, but ~20% slower than plain
-  autograd on CPU because backward recomputes the tanh); ``impl="compile"`` runs that function's
+- ``bias_gelu(bias, y, impl)`` = GeLU-tanh(y + bias) (docs/model.md#architecture).
+  ``impl="eager"`` is an autograd function with the analytic derivative, so backward keeps only
+  ``bias`` and ``y`` instead of every intermediate of the tanh formula (less activation memory, but
+  ~20% slower than plain autograd on CPU because backward recomputes the tanh); ``impl="compile"`` runs that function's
   forward and backward as ``torch.compile``d kernels (2.3-2.7x faster than the reference on CPU once
   compiled, but compiling costs 6-10 s per process); ``impl="reference"`` is plain autograd of the
   formula. ``auto``: ``compile`` on CUDA, ``reference`` on CPU (the fastest there without paying
@@ -43,7 +43,7 @@ _CUBIC = 0.044715
 
 
 def bias_gelu_reference(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The spec formula ``0.5x(1 + tanh(0.7978845608(x + 0.044715x^3)))`` with ``x = y + bias``."""
+    """GLM's GeLU ``0.5x(1 + tanh(0.7978845608(x + 0.044715x^3)))`` with ``x = y + bias``."""
     x = y + bias
     return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + _CUBIC * x * x * x)))
 

@@ -1,7 +1,8 @@
 """LayerNorm factory: apex's fused kernel on CUDA when apex is installed, torch's otherwise.
 
 apex is optional (it needs a CUDA build); both classes keep the parameters ``weight`` and ``bias``,
-so checkpoints and the canonical names of GLM_SPEC §1 do not depend on which one was used.
+so checkpoints and the canonical names (docs/model.md#canonical-parameter-names) do not depend on
+which one was used.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""GLM's input embedding with 2D positions (GLM_SPEC §1-2) and the tied LM head.
+"""GLM's input embedding with 2D positions and the tied LM head (docs/model.md#architecture,
+docs/model.md#inputs-2d-positions-and-the-mask).
 
 Shape legend: b batch, s sequence, h hidden, v padded vocab, w TP world size.
 

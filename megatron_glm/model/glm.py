@@ -1,11 +1,11 @@
-"""The GLM language model (GLM_SPEC §1-2): embeddings, pre-LN layers, final LayerNorm, tied head.
+"""The GLM language model (docs/model.md): embeddings, pre-LN layers, final LayerNorm, tied head.
 
 Shape legend: b batch, s sequence, h hidden, v padded vocab, w TP world size.
 
 ``GLMModel(config, tp_group)(input_ids [b,s], position_ids [b,2,s], sep [b]) -> logits [b,s,v/w]``.
 The logits stay vocab-parallel (shard r holds vocab ids ``[r*v/w, (r+1)*v/w)``) and go straight
 into ``glm_loss``. At TP=1 the model is plain PyTorch and ``state_dict()`` keys are exactly the
-canonical names of GLM_SPEC §1.
+canonical names of docs/model.md#canonical-parameter-names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Initialisation (GLM_SPEC §1) and weight-decay parameter groups.
+"""Initialisation and weight-decay parameter groups (docs/model.md#initialisation,
+docs/model.md#weight-decay).
 
 Every parameter is a pure function of ``(seed, canonical name)``: its FULL, unpartitioned tensor is
 drawn from a generator seeded with ``stable_hash(seed, name)`` and then cut with ``shard_tensor``
@@ -101,7 +102,8 @@ def initialize_parameters(
 
 
 def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups: decay on weights, none on biases and LayerNorm parameters (GLM_SPEC §1).
+    """Optimizer groups: decay on weights, none on biases and LayerNorm parameters
+    (docs/model.md#weight-decay).
 
     Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
     """

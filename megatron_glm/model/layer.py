@@ -1,4 +1,4 @@
-"""One GLM transformer layer (pre-LN, GLM_SPEC §1) and its attention and MLP blocks.
+"""One GLM transformer layer (pre-LN, docs/model.md#architecture) and its attention and MLP blocks.
 
 Shape legend: b batch, s sequence, h hidden, w TP world size, n heads (all), n/w heads on this rank,
 d head dim, f FFN width.
@@ -70,7 +70,8 @@ class ParallelSelfAttention(nn.Module):
                 f"attention_backend='flex' cannot apply attention dropout (attention_dropout="
                 f"{self.attention_dropout}): set attention_dropout=0 or use 'sdpa'/'auto'"
             )
-        # stride 3: the full weight is [Q; K; V] (GLM_SPEC §1); rank r keeps [Q_r; K_r; V_r].
+        # stride 3: the full weight is [Q; K; V] (docs/model.md#tensor-parallel-partition); rank r
+        # keeps [Q_r; K_r; V_r].
         self.query_key_value = ColumnParallelLinear(h, 3 * h, tp_group, stride=3)
         self.dense = RowParallelLinear(h, h, tp_group, input_is_parallel=True, skip_bias_add=True)
 

@@ -1,4 +1,4 @@
-"""The GLM loss (GLM_SPEC §5): masked vocab-parallel cross entropy in fp32.
+"""The GLM loss (docs/model.md#loss): masked vocab-parallel cross entropy in fp32.
 
 Shape legend: b batch, s sequence, v/w this rank's vocab shard.
 """
@@ -23,7 +23,7 @@ def glm_loss(
     """``sum(ce(logits [b,s,v/w], labels [b,s]) * loss_mask [b,s]) / normalizer`` as an fp32 scalar.
 
     The caller picks ``normalizer``: the number of loss tokens in the whole global batch (the
-    default of GLM_SPEC §5, so every layout computes the same loss), or, for the official
+    default of docs/model.md#loss, so every layout computes the same loss), or, for the official
     per-micro-batch mean, this micro-batch's ``loss_mask.sum()`` times the number of micro-batches
     and data-parallel ranks averaged over.
     """

@@ -4,8 +4,8 @@ Each rank holds the logits of its vocab slice ``[r*v/w, (r+1)*v/w)``. The loss p
 ``logsumexp(logits) - logits[label]``; both terms are assembled with all-reduces of ``[..]``-sized
 tensors (the max, the sum of exponentials, the target logit) instead of ``[.., v]``.
 Always computed in fp32: the inputs are cast inside, so fp16/bf16 logits keep an exact-enough
-softmax (GLM_SPEC §5). The backward is the closed form ``softmax - onehot(label)``, computed from the
-saved local softmax, so no rank ever materialises full-vocab gradients.
+softmax (docs/model.md#loss). The backward is the closed form ``softmax - onehot(label)``,
+computed from the saved local softmax, so no rank ever materialises full-vocab gradients.
 
 Labels must lie in ``[0, v)``: exclude tokens with the loss mask, not with an ignore index (under
 TP an out-of-range label is owned by no rank and would silently give ``logsumexp``).

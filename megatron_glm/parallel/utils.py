@@ -4,7 +4,8 @@ A tensor-parallel parameter is the rank's slice of a full (unpartitioned) tensor
 ``partition_dim``. With ``stride`` s > 1 the full tensor is first cut into s equal chunks along that
 dim and the rank takes its 1/world slice of *each* chunk, concatenated in chunk order. For the fused
 ``query_key_value`` weight (stride 3, rows [Q; K; V]) rank r therefore holds [Q_r; K_r; V_r]: the
-rows of its own heads in each third, the layout of GLM_SPEC §1 and of Megatron checkpoints.
+rows of its own heads in each third, the layout of docs/model.md#tensor-parallel-partition and of
+Megatron checkpoints.
 
 Shape legend: w TP world size, s stride, n size of the partitioned dim (divisible by s * w).
 """

@@ -26,6 +26,14 @@ import numpy as np
 from megatron_glm.config.data import DataConfig, add_data_args
 from megatron_glm.config.model import ATTENTION_BACKENDS, PRESETS, GLMConfig
 from megatron_glm.config.training import LOSS_NORMALIZATIONS, LR_DECAY_STYLES, TrainingConfig
+from megatron_glm.data.tokenizers import GLMTokenizer
+from megatron_glm.training.compat import (
+    add_compat_args,
+    apply_compat,
+    ds_config_from_flags,
+    merge_flags_into_ds_config,
+    train_iters_from_samples,
+)
 from megatron_glm.training.ds_config import ResolvedDSConfig, load_ds_json, resolve_ds_config
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,8 @@ class RunConfig:
     data: DataConfig
     ds: ResolvedDSConfig
     world_size: int
+    dialect: str = "ours"  # whose defaults filled the flags left out (training/compat.py)
+    notes: list[str] = dataclasses.field(default_factory=list)  # printed once at start-up
 
     @property
     def data_parallel_size(self) -> int:
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-num-layers", type=int)
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default 1")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
 
     g = p.add_argument_group("iterations and learning rate")
@@ -142,20 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate (default: optimizer.params.lr of the DeepSpeed JSON)",
     )
     g.add_argument("--min-lr", type=float, default=None, help="final LR (sets the decay ratio)")
-    g.add_argument("--lr-decay-ratio", type=float, default=0.1, help="final LR / peak LR")
-    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-ratio", type=float, default=None, help="final LR / peak LR (0.1)")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=None, help="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
     g.add_argument(
         "--warmup",
         type=float,
-        default=0.01,
-        help="warmup length as a fraction of the decay iterations",
+        default=None,
+        help="warmup length as a fraction of the decay iterations (0.01)",
     )
     g.add_argument(
         "--loss-normalization",
         choices=LOSS_NORMALIZATIONS,
         default="global",
-        help="global: mean over all loss tokens of the global batch (GLM_SPEC §5); "
+        help="global: mean over all loss tokens of the global batch (docs/training.md); "
         "micro-batch: the official per-micro-batch mean",
     )
 
@@ -166,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resume from the newest complete checkpoint here (missing/empty: fresh)",
     )
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=int, default=None, help="default: save at the end")
     g.add_argument("--keep-last-k", type=int, default=None, help="delete older checkpoints")
     g.add_argument(
         "--no-load-rng",
@@ -176,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("validation and logging")
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None, help="default: no validation")
+    g.add_argument(
+        "--eval-iters", type=int, default=None, help="global batches per validation (10)"
+    )
+    g.add_argument("--log-interval", type=int, default=None, help="default 10")
     g.add_argument("--log-json", default=None, help="append one JSON object per logged step")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--no-progress-bar", action="store_true")
@@ -191,7 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank; torchrun exports LOCAL_RANK instead.
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate everything (flags, JSON, data, tokenizer, layout, splits), print the "
+        "resolved configuration and exit 0, or 2 with every problem; starts no process group",
+    )
+    g.add_argument(
+        "--dry-run-world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: check the layout for this many processes (default: the launcher's)",
+    )
+
     add_data_args(p)  # --data-path --split --seq-length --seed --tokenizer-* and the GLM knobs
+    add_compat_args(p)  # the official GLM's and Megatron's flags
     import deepspeed  # deferred: importing deepspeed is slow and only the parser needs it here
 
     deepspeed.add_config_arguments(p)
@@ -261,7 +287,14 @@ def _check_layout(model: GLMConfig, tp: int, pp: int, world_size: int, problems:
         )
 
 
-def _check_data(data: DataConfig, tokenizer_vocab: int | None, problems: list[str]) -> None:
+def _check_data(
+    data: DataConfig,
+    tokenizer: GLMTokenizer | None,
+    needed_splits: tuple[str, ...],
+    problems: list[str],
+) -> None:
+    """Data files, their token ids against the tokenizer, and the splits this run reads."""
+    from megatron_glm.data.glm_dataset import check_splits
     from megatron_glm.data.indexed_dataset import IndexedDataset, best_dtype
 
     if not data.data_path:
@@ -277,15 +310,19 @@ def _check_data(data: DataConfig, tokenizer_vocab: int | None, problems: list[st
     except ValueError as err:
         problems.append(str(err))
         return
+    tokenizer_vocab = None if tokenizer is None else tokenizer.vocab_size
+    readable = True
     for _, prefix in weighted:
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
         if missing:
             problems.append(f"data prefix {prefix!r}: missing {', '.join(missing)}")
+            readable = False
             continue
         try:
             ds = IndexedDataset(prefix)
         except (OSError, ValueError) as err:
             problems.append(f"data prefix {prefix!r}: {err}")
+            readable = False
             continue
         if tokenizer_vocab is None:
             continue
@@ -303,21 +340,22 @@ def _check_data(data: DataConfig, tokenizer_vocab: int | None, problems: list[st
                 f"the tokenizer's vocabulary of {tokenizer_vocab}: the data was made "
                 "with a different tokenizer"
             )
+    if readable:
+        eos_id = None if tokenizer is None else tokenizer.eos_id
+        problems.extend(check_splits(data, needed_splits, eos_id=eos_id))
 
 
-def _tokenizer_vocab(data: DataConfig, problems: list[str]) -> int | None:
+def _tokenizer(data: DataConfig, problems: list[str]) -> GLMTokenizer | None:
     if data.tokenizer_type is None:
         return None
-    from megatron_glm.data.tokenizers import build_tokenizer
+    from megatron_glm.data.tokenizers import tokenizer_from_spec
 
     try:
-        tok = build_tokenizer(
-            data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file
-        )
+        tok = tokenizer_from_spec(data.tokenizer_spec)
     except (OSError, ValueError, RuntimeError) as err:
         problems.append(f"tokenizer: {err}")
         return None
-    return int(tok.vocab_size)
+    return tok
 
 
 # TrainingConfig fields set from the command-line flag of the same name (the others are derived).
@@ -331,6 +369,7 @@ _TRAINING_FLAGS = (
     "lr_decay_style",
     "lr_decay_iters",
     "warmup",
+    "lr_warmup_iters",
     "loss_normalization",
     "save",
     "load",
@@ -343,6 +382,7 @@ _TRAINING_FLAGS = (
     "tensorboard_dir",
     "peak_tflops",
     "seed",
+    "distributed_backend",
 )
 
 
@@ -358,6 +398,76 @@ def _cpu_fp16_supported() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
+def _ds_config(
+    args: argparse.Namespace, world_size: int, cuda: bool, problems: list[str]
+) -> ResolvedDSConfig | None:
+    """The DeepSpeed JSON given with ``--deepspeed_config`` (Megatron's flags filled in and checked
+    against it), or the one Megatron's flags mean."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ds_path = getattr(args, "deepspeed_config", None)
+    if ds_path:
+        raw, ds_problems = load_ds_json(ds_path)
+        problems.extend(ds_problems)
+        if raw is None:
+            return None
+        merge_problems = merge_flags_into_ds_config(raw, args, ds_path)
+        problems.extend(merge_problems)
+        if merge_problems:
+            return None
+    else:
+        raw = ds_config_from_flags(args)
+        if args.micro_batch_size is None and args.global_batch_size is None:
+            problems.append(
+                "no batch size: pass --deepspeed_config (the DeepSpeed JSON: batch sizes, "
+                "optimizer, ZeRO, precision) or Megatron's --micro-batch-size/--global-batch-size"
+            )
+            return None
+    divisible = tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0
+    ds, ds_problems = resolve_ds_config(
+        raw,
+        data_parallel_size=world_size // (tp * pp) if divisible else None,
+        pipeline_parallel_size=pp,
+        cli_lr=args.lr,
+        cuda=cuda,
+        cpu_fp16=not cuda and _wants_fp16(raw) and _cpu_fp16_supported(),
+    )
+    problems.extend(ds_problems)
+    if ds is not None and args.min_lr is not None and args.min_lr > ds.peak_lr:
+        problems.append(f"--min-lr {args.min_lr} is larger than the peak LR {ds.peak_lr}")
+    return ds
+
+
+def _training_config(
+    args: argparse.Namespace, ds: ResolvedDSConfig | None, problems: list[str]
+) -> TrainingConfig | None:
+    train_iters = args.train_iters
+    if train_iters is None and args.train_samples is not None and ds is not None:
+        train_iters = train_iters_from_samples(args.train_samples, ds.train_batch_size)
+    if train_iters is None:
+        if args.train_samples is None:
+            problems.append("--train-iters (or Megatron's --train-samples) is required")
+        train_iters = 1
+    values: dict[str, Any] = {name: getattr(args, name) for name in _TRAINING_FLAGS}
+    values.update(
+        train_iters=train_iters,
+        load_rng=not args.no_load_rng,
+        load_optim=not args.no_load_optim,
+        load_lr_scheduler=not args.no_load_lr_scheduler,
+        progress_bar=not args.no_progress_bar,
+    )
+    # problems() without raising, so they join the others in one message
+    probe = TrainingConfig.__new__(TrainingConfig)
+    probe.__dict__.update(values)
+    training_problems = probe.problems()
+    problems.extend(training_problems)
+    if training_problems:
+        return None
+    training = TrainingConfig(**values)
+    if training.lr is None and ds is not None:
+        training = dataclasses.replace(training, lr=ds.peak_lr)
+    return training
+
+
 def build_run_config(
     args: argparse.Namespace, world_size: int, *, cuda: bool | None = None, check_data: bool = True
 ) -> RunConfig:
@@ -365,39 +475,22 @@ def build_run_config(
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    problems: list[str] = []
-    training: TrainingConfig | None = None
-    train_iters = args.train_iters
-    if train_iters is None:
-        problems.append("--train-iters is required")
-        train_iters = 1
-    training_values: dict[str, Any] = {name: getattr(args, name) for name in _TRAINING_FLAGS}
-    training_values.update(
-        train_iters=train_iters,
-        load_rng=not args.no_load_rng,
-        progress_bar=not args.no_progress_bar,
-    )
-    # problems() without raising, so they join the others in one message
-    probe = TrainingConfig.__new__(TrainingConfig)
-    probe.__dict__.update(training_values)
-    training_problems = probe.problems()
-    problems.extend(training_problems)
-    if not training_problems:
-        training = TrainingConfig(**training_values)
+    compat = apply_compat(args, cuda=cuda)
+    problems: list[str] = list(compat.problems)
+    ds = _ds_config(args, world_size, cuda, problems)
+    training = _training_config(args, ds, problems)
 
     data: DataConfig | None = None
     try:
         data = DataConfig.from_args(args)
     except (ValueError, TypeError) as err:
         problems.append(str(err))
-    tokenizer_vocab = _tokenizer_vocab(data, problems) if data is not None else None
+    tokenizer = _tokenizer(data, problems) if data is not None else None
+    tokenizer_vocab = None if tokenizer is None else tokenizer.vocab_size
     # ids the model must embed: the tokenizer's, plus the [MASKi]/[sopi] pairs of sentinel tokens
     needed_vocab = tokenizer_vocab
     if tokenizer_vocab is not None and data is not None and data.infilling.sentinel_token:
-        from megatron_glm.data.blank_infilling import fixed_shape_plan
-
-        max_spans = fixed_shape_plan(data.seq_length, data.infilling).max_spans
-        needed_vocab = tokenizer_vocab + 2 * (max_spans - 1)
+        needed_vocab = tokenizer_vocab + 2 * (data.shape_plan.max_spans - 1)
     model = _model_config(args, needed_vocab, problems)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if model is not None:
@@ -417,49 +510,20 @@ def build_run_config(
                 f"seq-length {data.seq_length} is larger than "
                 f"max-position-embeddings {model.max_sequence_length}"
             )
+    validation = training is not None and bool(training.eval_interval)
     if data is not None and check_data:
-        _check_data(data, tokenizer_vocab, problems)
-    no_valid = data is not None and data.split_fractions[1] == 0
-    if training is not None and training.eval_interval and no_valid:
-        problems.append(
-            f"--eval-interval {training.eval_interval} but --split {data.split!r} "
-            "leaves no validation data"
-        )
-
-    ds: ResolvedDSConfig | None = None
-    ds_path = getattr(args, "deepspeed_config", None)
-    if not ds_path:
-        problems.append(
-            "--deepspeed_config (the DeepSpeed JSON: batch sizes, optimizer, "
-            "ZeRO, precision) is required"
-        )
-    else:
-        raw, ds_problems = load_ds_json(ds_path)
-        problems.extend(ds_problems)
-        divisible = tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0
-        if raw is not None:
-            ds, ds_problems = resolve_ds_config(
-                raw,
-                data_parallel_size=world_size // (tp * pp) if divisible else None,
-                pipeline_parallel_size=pp,
-                cli_lr=args.lr,
-                cuda=cuda,
-                cpu_fp16=not cuda and _wants_fp16(raw) and _cpu_fp16_supported(),
-            )
-            problems.extend(ds_problems)
-            if ds is not None and args.min_lr is not None and args.min_lr > ds.peak_lr:
-                problems.append(f"--min-lr {args.min_lr} is larger than the peak LR {ds.peak_lr}")
+        _check_data(data, tokenizer, ("train", "valid") if validation else ("train",), problems)
     if problems:
         raise ConfigError(problems)
     assert model is not None and training is not None and data is not None and ds is not None
-    if training.lr is None:
-        training = dataclasses.replace(training, lr=ds.peak_lr)
     return RunConfig(
         model=model,
         training=training,
         data=data,
         ds=ds,
         world_size=world_size,
+        dialect=compat.dialect,
+        notes=compat.notes,
     )
 
 

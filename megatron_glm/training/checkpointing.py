@@ -275,6 +275,7 @@ def load_checkpoint(
     ref: CheckpointRef,
     *,
     load_optimizer: bool = True,
+    load_lr_scheduler: bool = True,
     layout: tuple[int, int] | None = None,
 ) -> LoadedCheckpoint:
     """Load ``ref`` into ``engine`` on every rank; RNG states are returned, not applied (the
@@ -300,7 +301,7 @@ def load_checkpoint(
         str(ref.path.parent),
         tag=ref.tag,
         load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer,
+        load_lr_scheduler_states=load_lr_scheduler,
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {ref.path}")

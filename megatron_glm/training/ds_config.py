@@ -170,14 +170,6 @@ def resolve_ds_config(
             "torch.ops.mkldnn._is_mkldnn_fp16_supported() is False, it needs AVX512-FP16 or "
             "AMX-FP16); use bf16"
         )
-    if fp16 and zero_stage == 0:
-        # DeepSpeed's engine.backward multiplies the loss by the loss scale only for ZeRO
-        # optimizers; its stage-0 FP16_Optimizer still divides the gradients by the scale in step(),
-        # so every update shrinks by the scale and overflows are never seen (measured on 0.19.8).
-        problems.append(
-            "fp16 with ZeRO stage 0 does not scale the loss in DeepSpeed (updates come out divided "
-            "by the loss scale and overflows are never detected); use ZeRO stage 1 or higher"
-        )
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
     if "scheduler" in cfg:

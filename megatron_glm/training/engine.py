@@ -6,19 +6,28 @@ Shape legend: b micro-batch, s sequence, v/w this rank's vocab shard.
 ``ParallelGroups`` is DeepSpeed's ``mpu``) or a ``PipelineEngine`` over ``build_pipeline_module``,
 with the optimizer from the JSON, weight-decay groups from the model, and the GLM LR schedule.
 
-Loss normalisation (GLM_SPEC §5). Before any loss of an iteration is computed, the loss-token count
-of all its micro-batches is summed and all-reduced over data parallelism: ``N``. DeepSpeed then
-divides each micro-batch loss by the accumulation steps ``g`` and averages gradients over the
+Loss normalisation (docs/training.md). Before any loss of an iteration is computed, the loss-token
+count of all its micro-batches is summed and all-reduced over data parallelism: ``N``. DeepSpeed
+then divides each micro-batch loss by the accumulation steps ``g`` and averages gradients over the
 ``d`` data-parallel ranks, so each micro-batch's loss is ``sum(ce * mask) / (N / (g * d))``: the
 gradient is that of the mean over all ``N`` tokens, in every layout. The logged loss is DeepSpeed's
 aggregate (sum over micro-batches / g, mean over ranks) = that same global mean. With
 ``--loss-normalization micro-batch`` the normaliser is the micro-batch's own count (the official
 per-micro-batch mean, averaged over micro-batches and ranks).
+
+fp16 at ZeRO stage 0 (docs/training.md, "fp16"). DeepSpeed wraps the optimizer in
+``FP16_Optimizer`` / ``FP16_UnfusedOptimizer``, whose ``step()`` divides the gradients by the loss
+scale and treats inf/nan as overflow; DeepSpeed 0.19.8's ``engine.backward`` multiplies the loss by
+that scale only for ZeRO optimizers (upstream pull request 8393), so the trainer applies the scale
+itself, through a gradient hook on the loss, when it sees that DeepSpeed did not. It also measures
+the gradient norm itself there (the unfused optimizer reports it still multiplied by the scale) and
+undoes the zero-gradient Adam step with which those optimizers prime their state.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +56,31 @@ class StepStats:
     loss_scale: float | None
     skipped_steps: int
     applied: bool  # False when fp16 overflow skipped the update
+
+
+def _is_stage0_fp16_optimizer(optimizer: Any) -> bool:
+    """DeepSpeed's fp16 optimizer wrappers without ZeRO (ZeRO stage 0)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))
+
+
+def loss_scale_factor(loss_grad: float, gas: int, scale: float) -> float:
+    """What the gradient arriving at a micro-batch loss still has to be multiplied by: ``scale``
+    when DeepSpeed's backward only divided it by the ``gas`` accumulation steps (``1 / gas``), 1
+    when DeepSpeed also applied the loss scale (``scale / gas``). Anything else means DeepSpeed
+    changed how it scales, and is an error rather than a guess."""
+    seen = loss_grad * gas
+    if math.isclose(seen, 1.0, rel_tol=1e-3):
+        return scale
+    if math.isclose(seen, scale, rel_tol=1e-3):
+        return 1.0
+    raise RuntimeError(
+        f"fp16 at ZeRO stage 0: the gradient reaching the loss is {loss_grad} with {gas} "
+        f"accumulation steps and loss scale {scale}; expected {1 / gas} (DeepSpeed does not "
+        f"scale the loss) or {scale / gas} (it does)"
+    )
 
 
 def _device() -> torch.device:
@@ -108,6 +142,16 @@ class Trainer:
             dist_init_required=False,
         )
         self._install_grad_norm_probe()
+        # fp16 at ZeRO stage 0: see the module docstring. None until the first backward shows
+        # whether DeepSpeed applied the loss scale itself.
+        self._deepspeed_scales_loss: bool | None = None
+        self._scaled_grad_norm = float("nan")  # the norm the stage-0 fp16 optimizer clips by
+        self.fp16_stage0 = run.ds.precision == "fp16" and _is_stage0_fp16_optimizer(
+            self.engine.optimizer
+        )
+        if self.fp16_stage0:
+            self._undo_adam_priming()
+            self._install_fp16_stage0_probes()
         if groups.rank == 0:
             logger.info(
                 "engine: %s, optimizer %s, ZeRO stage %d, %s, micro batch %d x %d accumulation "
@@ -124,9 +168,10 @@ class Trainer:
 
     # ---- gradient norm ------------------------------------------------------------------------
     def _install_grad_norm_probe(self) -> None:
-        """DeepSpeed's ZeRO / bf16 / fp16 optimizers report the global norm themselves; a plain
-        torch optimizer (fp32, ZeRO 0) does not, so we measure it before the update (and replace
-        DeepSpeed's fp32 clipping, which would otherwise hide the pre-clip norm from us)."""
+        """DeepSpeed's ZeRO / bf16 optimizers report the global norm themselves (its stage-0 fp16
+        ones not reliably: ``_install_fp16_stage0_probes``); a plain torch optimizer (fp32, ZeRO 0)
+        does not, so we measure it before the update (and replace DeepSpeed's fp32 clipping, which
+        would otherwise hide the pre-clip norm from us)."""
         optimizer = self.engine.optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             return
@@ -168,6 +213,87 @@ class Trainer:
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    # ---- fp16 at ZeRO stage 0 -----------------------------------------------------------------
+    def _install_fp16_stage0_probes(self) -> None:
+        """The loss-scale hook on every training loss (the pipeline's last stage computes it in the
+        ``PipelineModule``'s ``loss_fn``; the other stages only see gradients that already carry
+        the scale), and our own gradient norm before each optimizer step."""
+        if self.pipelined:
+            module = self.engine.module
+            loss_fn = module.loss_fn
+
+            def scaled_loss_fn(*args: Any) -> torch.Tensor:
+                loss = loss_fn(*args)
+                if loss.requires_grad:  # not under eval_batch's no_grad
+                    loss.register_hook(self._loss_scale_hook)
+                return loss
+
+            module.loss_fn = scaled_loss_fn
+
+        optimizer = self.engine.optimizer
+        inner_step = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            # FP16_UnfusedOptimizer stashes the norm still multiplied by the scale, and both
+            # optimizers divide by the scale after possibly doubling it at the end of a good
+            # window; so: the norm of the gradients as they are, over the scale they carry.
+            self._scaled_grad_norm = self._measure_grad_norm()
+            self._recorded_grad_norm = self._scaled_grad_norm / float(optimizer.loss_scale)
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = step
+
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if isinstance(optimizer, FP16_UnfusedOptimizer):
+            unscale_and_clip = optimizer.unscale_and_clip_grads
+
+            def clip_with_our_norm(total_norm: float, apply_scale: bool = True) -> Any:
+                # Its own norm (get_weight_norm over the bare gradient tensors) cannot tell
+                # TP-partitioned parameters or pipeline-tied copies: with TP 2 it clipped by 2.07
+                # for a norm of 2.29, with PP 2 by 2.51. Ours is the scaled norm it expects.
+                return unscale_and_clip(self._scaled_grad_norm, apply_scale)
+
+            optimizer.unscale_and_clip_grads = clip_with_our_norm
+
+    def _undo_adam_priming(self) -> None:
+        """DeepSpeed's stage-0 fp16 optimizers "initialize the optimizer states" by stepping the
+        inner optimizer once on zero gradients (ZeRO no longer does). For Adam that is a phantom
+        step: its bias correction runs one step ahead (the first real update is about 0.74 of
+        ZeRO's or fp32's with betas 0.9/0.98) and the fp32 master weights take one extra weight
+        decay. Adam creates its state lazily, so forget that state and restore the masters from
+        the fp16 parameters (which that step did not touch). Only an Adam state that is exactly
+        one step on zero gradients is reset; anything else is left to DeepSpeed."""
+        optimizer = self.engine.optimizer
+        states = list(optimizer.optimizer.state.values())
+        primed = bool(states) and all(
+            "exp_avg" in state and float(state.get("step", 0)) == 1 and not state["exp_avg"].any()
+            for state in states
+        )
+        if primed:
+            optimizer.optimizer.state.clear()
+            optimizer.refresh_fp32_params()
+
+    def _loss_scale_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Gradient hook on a micro-batch loss: multiply the incoming gradient by the loss scale
+        unless DeepSpeed already did. Which of the two it is, is read off the first gradient
+        (``1 / g`` unscaled, ``scale / g`` scaled, for ``g`` accumulation steps) rather than from
+        DeepSpeed's version, so a DeepSpeed with the fix is not scaled twice."""
+        scale = float(self.engine.optimizer.loss_scale)
+        if self._deepspeed_scales_loss is None:
+            if scale == 1.0:
+                return None  # nothing to tell apart, and nothing to apply
+            factor = loss_scale_factor(float(grad), self.gas, scale)
+            self._deepspeed_scales_loss = factor == 1.0
+            logger.info(
+                "fp16 at ZeRO stage 0: %s",
+                "DeepSpeed applies the loss scale itself"
+                if self._deepspeed_scales_loss
+                else "DeepSpeed does not apply the loss scale in engine.backward (upstream "
+                "pull request 8393); the trainer applies it",
+            )
+        return None if self._deepspeed_scales_loss else grad * scale
 
     # ---- batches ------------------------------------------------------------------------------
     def _normalizers(self, micro_batches: Sequence[MicroBatch]) -> list[torch.Tensor]:
@@ -231,6 +357,8 @@ class Trainer:
                     self.tp_group,
                     norm.to(self.device).reshape(()),
                 )
+                if self.fp16_stage0:
+                    loss.register_hook(self._loss_scale_hook)
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.detach().float()
@@ -241,13 +369,15 @@ class Trainer:
                 total /= self.groups.dp_size
             loss_value = float(total)
         skipped = self.engine.skipped_steps
+        applied = skipped == skipped_before
         return StepStats(
             loss=loss_value,
             lr=lr,
-            grad_norm=self._grad_norm(),
+            # a skipped step has no norm (ZeRO reports none, the stage-0 fp16 optimizers inf)
+            grad_norm=self._grad_norm() if applied else None,
             loss_scale=self._loss_scale(),
             skipped_steps=int(skipped),
-            applied=skipped == skipped_before,
+            applied=applied,
         )
 
     @torch.no_grad()

@@ -77,19 +77,22 @@ class NonFiniteLossError(RuntimeError):
 def _data(run: RunConfig, groups: Any) -> tuple[Any, Any, Any]:
     from megatron_glm.data.blank_infilling import BlankInfillingCollator
     from megatron_glm.data.glm_dataset import build_glm_datasets
-    from megatron_glm.data.tokenizers import build_tokenizer
+    from megatron_glm.data.tokenizers import tokenizer_from_spec
 
     d = run.data
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    tokenizer = tokenizer_from_spec(d.tokenizer_spec)
     t, gbs = run.training, run.ds.train_batch_size
-    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
+    # Only the splits this run reads: the test split never, the valid split with --eval-interval.
+    validating = bool(t.eval_interval)
+    splits = ("train", "valid") if validating else ("train",)
+    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if validating else 0, 0)
     # Rank 0 builds the sample-index caches first; the others then read them.
     if groups.rank != 0:
         dist.barrier()
-    train_ds, valid_ds, _ = build_glm_datasets(d, tokenizer, num_samples)
+    train_ds, valid_ds, _ = build_glm_datasets(d, tokenizer, num_samples, splits=splits)
     if groups.rank == 0:
         dist.barrier()
-    collator = BlankInfillingCollator(d.infilling, tokenizer, d.seq_length, d.seed)
+    collator = BlankInfillingCollator(d.infilling, tokenizer, d.input_length, d.seed)
     return train_ds, valid_ds, collator
 
 
@@ -135,7 +138,13 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     ref = _agree_on_checkpoint(run, rank) if t.load else None
     if ref is not None:
         layout = (t.tensor_model_parallel_size, t.pipeline_model_parallel_size)
-        loaded = load_checkpoint(trainer.engine, ref, layout=layout)
+        loaded = load_checkpoint(
+            trainer.engine,
+            ref,
+            load_optimizer=t.load_optim,
+            load_lr_scheduler=t.load_lr_scheduler,
+            layout=layout,
+        )
         iteration, consumed, rng_states = (
             loaded.iteration,
             loaded.consumed_samples,
@@ -158,8 +167,9 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
         start_iteration=iteration,
         stop_iteration=stop,
     )
-    tokens_per_iter = ds.train_batch_size * run.data.seq_length
-    flops_per_iter = flops_per_token(run.model, run.data.seq_length) * tokens_per_iter
+    # model input positions (L = input_length, Part B and padding included): what the FLOPs cover
+    tokens_per_iter = ds.train_batch_size * run.data.input_length
+    flops_per_iter = flops_per_token(run.model, run.data.input_length) * tokens_per_iter
     peak = device_peak_tflops(t.peak_tflops)
     config_dict = run.to_dict()
 

@@ -1,4 +1,7 @@
-"""The GLM learning-rate schedule (GLM_SPEC §3) as a torch LR scheduler handed to DeepSpeed.
+"""The GLM learning-rate schedule as a torch LR scheduler handed to DeepSpeed.
+
+Flags and formulas: docs/training.md#iterations-learning-rate-loss; the released recipes' values:
+docs/blank-infilling.md#released-recipes.
 
 Iteration ``i`` (1-based: the ``i``-th optimizer update) uses ``glm_learning_rate(i, ...)``:
 

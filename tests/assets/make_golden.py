@@ -16,9 +16,11 @@ spans, one with a single span and padding after Part B); ``STEPS`` plain SGD upd
 step records the loss (``glm_loss`` normalised by the batch's loss tokens) and the global L2 norm
 of the gradients; one more forward records the loss after the last update, and the sum of squares
 of all final weights (float64) fingerprints the whole trajectory. Floats are stored as
-``float.hex`` so they round-trip exactly; ``torch`` and ``cpu_capability`` record the torch
-version and the CPU kernels (AVX512, AVX2, ...) they were made with: the last bits depend on both,
-and on the thread count, which is why the run uses one thread like the test suite.
+``float.hex`` so they round-trip exactly; ``torch`` and ``cpu_kernels`` record the torch version
+and the CPU kernels they were made with (torch's capability, AVX512 or AVX2, plus the instruction
+sets oneDNN dispatches on: on torch 2.13 an AVX512 Intel CPU with AMX and an AVX512 AMD CPU give
+parameter fingerprints 3e-12 apart); the last bits depend on both, and on the thread count, which is
+why the run uses one thread like the test suite.
 
 Shape legend: b batch, s sequence, v vocab.
 """
@@ -53,7 +55,8 @@ PAD, MASK, SOP, EOP = 0, 1021, 1022, 1023
 def _sample(rng: np.random.Generator, num_spans: int) -> dict[str, list[int] | int]:
     """One blank-infilling sample: Part A is the text with each span replaced by one [MASK]
     (bidirectional); Part B holds the spans in shuffled order, each as ``[sop] + span`` -> ``span +
-    [eop]`` with its [MASK]'s absolute position and block positions 1.. (GLM_SPEC §2)."""
+    [eop]`` with its [MASK]'s absolute position and block positions 1..
+    (docs/blank-infilling.md#part-a--part-b-layout)."""
     gaps = rng.integers(2, 6, size=num_spans + 1)
     lengths = rng.integers(1, 5, size=num_spans)
     part_a: list[int] = []
@@ -142,6 +145,26 @@ def _json_lines(value: Any, indent: str = "") -> str:
     return "{\n" + ",\n".join(items) + "\n" + indent + "}"
 
 
+# CPU features that change which matrix-multiplication kernels oneDNN picks at equal capability.
+_KERNEL_FLAGS = ("amx_tile", "amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni")
+
+
+def cpu_kernels() -> str:
+    """``AVX512+amx_bf16+amx_tile+...``: torch's CPU capability and the kernel-relevant flags of
+    /proc/cpuinfo (empty where there is none)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    present = sorted(flag for flag in _KERNEL_FLAGS if flag in flags)
+    return "+".join([torch.backends.cpu.get_cpu_capability(), *present])
+
+
 def main() -> None:
     torch.set_num_threads(1)  # as in the test suite (tests/conftest.py)
     batch = golden_batch()
@@ -149,7 +172,7 @@ def main() -> None:
     golden = {
         "about": "tests/assets/make_golden.py writes this; tests/model/test_golden.py checks it",
         "torch": torch.__version__.split("+")[0],
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": cpu_kernels(),
         "config": {"preset": "tiny", **CONFIG_OVERRIDES},
         "steps": STEPS,
         "lr": LR,

@@ -1,6 +1,7 @@
-"""Blank infilling (GLM_SPEC §3): every constructed sample checked against the spec's invariants by an
-independent checker (it parses Part B by its [sop] tokens, not from the collator's span records),
-the span statistics, the fixed-shape rule, determinism and the ablation switches."""
+"""Blank infilling: every constructed sample checked against the invariants of
+docs/blank-infilling.md#invariants by an independent checker (it parses Part B by its [sop] tokens,
+not from the collator's span records), the span statistics, the fixed-shape rule, determinism and
+the ablation switches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_glm.config.data import BlankInfillingConfig
+from megatron_glm.config.data import BlankInfillingConfig, plan_for_raw_length
 from megatron_glm.data.blank_infilling import (
     BlankInfillingCollator,
     InfilledSample,
@@ -86,13 +87,13 @@ def toy_raw_samples(
 
 
 def check_sample(s: InfilledSample, objective: str, col: BlankInfillingCollator) -> dict[str, int]:
-    """Assert every GLM_SPEC §3 invariant on one constructed sample; return its span stats."""
+    """Assert every invariant (docs/blank-infilling.md#invariants) on one sample; return its span stats."""
     ids, cfg = col.ids, col.config
     raw, n = s.raw, s.raw.size
     tokens, labels, loss, pos = s.tokens, s.labels, s.loss_mask, s.position_ids
     total = tokens.size
     assert labels.size == loss.size == pos.shape[1] == total and pos.shape[0] == 2
-    assert total <= col.plan.seq_length, "sample does not fit the fixed shape"
+    assert total <= col.plan.input_length, "sample does not fit the fixed shape"
     sep = s.sep
     part_a = tokens[:sep]
     assert np.array_equal(labels[:sep], part_a), "Part A labels are Part A"
@@ -157,7 +158,7 @@ def check_sample(s: InfilledSample, objective: str, col: BlankInfillingCollator)
         if not cfg.sentinel_token:
             key = int(abs_pos[0])
         else:
-            assert abs_pos[0] == col.plan.seq_length
+            assert abs_pos[0] == col.plan.raw_length  # official: position --seq-length
             if objective == "bert":  # [MASK{idx}] names the segment
                 key = next(p for p in mask_pos if part_a[p] == ids.sentinel_mask(idx))
             else:  # task masks carry no number: use the recorded Part B order
@@ -201,7 +202,7 @@ def check_sample(s: InfilledSample, objective: str, col: BlankInfillingCollator)
 
 
 def check_batch(batch: dict, col: BlankInfillingCollator, samples: list[InfilledSample]) -> None:
-    b, L = len(samples), col.plan.seq_length
+    b, L = len(samples), col.plan.input_length
     assert batch["tokens"].shape == (b, L) and batch["tokens"].dtype == torch.int64
     assert batch["labels"].shape == (b, L) and batch["position_ids"].shape == (b, 2, L)
     assert batch["loss_mask"].dtype == torch.float32 and batch["sep"].shape == (b,)
@@ -387,5 +388,18 @@ def test_config_validation():
         BlankInfillingConfig(bert_prob=0.8, gap_sentence_prob=0.3)
     with pytest.raises(ValueError, match="gpt_min_ratio"):
         BlankInfillingConfig(gpt_min_ratio=1.5)
-    with pytest.raises(ValueError, match="seq_length"):
+    with pytest.raises(ValueError, match="input length 8 is too short"):
         fixed_shape_plan(8, BlankInfillingConfig())
+    with pytest.raises(ValueError, match="seq_length 7 is too short"):
+        plan_for_raw_length(7, BlankInfillingConfig())
+
+
+@pytest.mark.parametrize("raw_length", [9, 64, 200, 512, 1024])
+def test_raw_length_plan_round_trips(raw_length):
+    """--seq-length is the raw length n; the input length n + 2K(n) maps back to n exactly, and a
+    bert sample of n tokens always fits it."""
+    cfg = BlankInfillingConfig()
+    plan = plan_for_raw_length(raw_length, cfg)
+    assert plan.input_length == raw_length + 2 * plan.max_spans
+    assert fixed_shape_plan(plan.input_length, cfg) == plan
+    assert fixed_shape_plan(plan.input_length - 1, cfg).raw_length == raw_length - 1

@@ -1,4 +1,4 @@
-"""Every layout trains the same model on the same data to the same losses (GLM_SPEC §5).
+"""Every layout trains the same model on the same data to the same losses (docs/model.md#loss).
 
 Each case launches ``pretrain_glm.py`` as real processes (gloo, torchrun-style variables): fp32,
 dropout 0, 10 iterations, global batch 4, one objective (bert) so the data is identical however

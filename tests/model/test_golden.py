@@ -4,9 +4,10 @@ model's numerics, by even one bit, fails here.
 The run (a fixed Part A / Part B batch, a few plain SGD steps in fp32 on one CPU thread) is
 ``tests/assets/make_golden.py``, which also regenerates the file when a change is meant to move the
 numbers. Exactness needs the same torch and the same CPU kernels (float results differ in the last
-bits between torch versions and between AVX512 / AVX2 code paths): on the torch version recorded in
-the file (``torch.__version__`` starts with it) and the recorded CPU capability every loss, gradient
-norm and the final parameter fingerprint must match bit for bit; anywhere else they must agree
+bits between torch versions, between AVX512 / AVX2 code paths and between CPUs with and without AMX
+at equal capability): on the torch version recorded in the file (``torch.__version__`` starts with
+it) and the recorded CPU kernels (``make_golden.cpu_kernels``) every loss, gradient norm and the
+final parameter fingerprint must match bit for bit; anywhere else they must agree
 within a relative 1e-6 (measured on torch 2.13: AVX2 or unvectorised kernels instead of AVX512, or
 2-4 threads instead of one, move them by at most 1.6e-7).
 """
@@ -25,6 +26,7 @@ from tests.assets.make_golden import (
     GOLDEN_PATH,
     LR,
     STEPS,
+    cpu_kernels,
     golden_batch,
     golden_run,
 )
@@ -49,8 +51,7 @@ def result() -> dict[str, Any]:
 
 def _exact_here(golden: dict[str, Any]) -> bool:
     return (
-        torch.__version__.startswith(golden["torch"])
-        and torch.backends.cpu.get_cpu_capability() == golden["cpu_capability"]
+        torch.__version__.startswith(golden["torch"]) and golden.get("cpu_kernels") == cpu_kernels()
     )
 
 
@@ -69,7 +70,7 @@ def test_golden_numbers(key: str, golden: dict[str, Any], result: dict[str, Any]
     assert len(got) == len(want), (key, got, want)
     if _exact_here(golden):
         assert [v.hex() for v in got] == [v.hex() for v in want], (
-            f"{key} moved on the pinned torch {golden['torch']} / {golden['cpu_capability']}: "
+            f"{key} moved on the pinned torch {golden['torch']} / {golden['cpu_kernels']}: "
             f"got {got}, golden {want}. If the change is meant to alter the numerics, regenerate "
             "with `python tests/assets/make_golden.py` and say why in the commit."
         )

@@ -1,5 +1,6 @@
-"""GLMModel (TP=1) against an independent float64 transcription of the GLM_SPEC §1-2 formulas,
-written from the canonical state dict alone: pre-LN order, LayerNorm eps 1e-5, the tanh GeLU
+"""GLMModel (TP=1) against an independent float64 transcription of the formulas of
+docs/model.md#architecture and docs/model.md#inputs-2d-positions-and-the-mask, written from the
+canonical state dict alone: pre-LN order, LayerNorm eps 1e-5, the tanh GeLU
 constants, the [Q all heads; K all heads; V all heads] row order of ``query_key_value``,
 ``scores = Q (K / sqrt(d))^T`` with -65504 on masked keys, ``j < sep or j <= i``, the tied head
 without bias. Every parameter (biases and LayerNorms included) is perturbed first, so a dropped

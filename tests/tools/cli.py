@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,3 +29,23 @@ def check_tool(script: str, *args: str, timeout: float = 300.0) -> None:
     done = run_tool(script, *args, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def preprocess_jsonl(
+    jsonl: Path, prefix: Path, tokenizer_args: Sequence[str], *, eod: bool = True
+) -> str:
+    """``tools/preprocess_data.py`` on one jsonl file as a user runs it (one worker, no progress
+    bar); returns the dataset prefix ``{prefix}_text_document``."""
+    check_tool(
+        "tools/preprocess_data.py",
+        "--input",
+        str(jsonl),
+        "--output-prefix",
+        str(prefix),
+        "--workers",
+        "1",
+        "--no-progress",
+        *tokenizer_args,
+        *(["--append-eod"] if eod else []),
+    )
+    return f"{prefix}_text_document"

@@ -1,5 +1,6 @@
 """tools/preprocess_data.py and tools/merge_datasets.py end to end on a slice of the bundled corpus:
-worker-count independence, bad-line reporting, --on-error fail, atomic output on failure, merge."""
+worker-count independence, bad-line reporting, --on-error fail, atomic output on failure, merge, and
+no empty dataset (a --json-keys typo, empty texts, an empty input) is ever written."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_glm.config.data import TokenizerSpec
 from megatron_glm.data import preprocess
 from megatron_glm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_glm.data.preprocess import (
     PreprocessConfig,
     PreprocessError,
-    TokenizerSpec,
     preprocess_data,
     split_into_sentences,
 )
@@ -92,6 +93,7 @@ def test_outputs_match_tokenizer_and_do_not_depend_on_workers(tmp_path, clean_in
     for i, doc in enumerate(corpus_docs):
         assert ds[i].tolist() == tok.encode(doc["text"]) + [tok.eos_id]
     assert s1.num_tokens["text"] == ds.num_tokens
+    assert s1.documents_written == {"text": NUM_DOCS}
 
 
 def test_split_sentences_and_multiple_keys(tmp_path, clean_input, corpus_docs):
@@ -209,3 +211,46 @@ def test_merge_datasets_cli(tmp_path, clean_input, dirty_input):
         Path(out + ".bin").read_bytes()
         == Path(a + ".bin").read_bytes() + Path(b + ".bin").read_bytes()
     )
+
+
+def sp_cli(*args: str) -> list[str]:
+    return [*args, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL]
+
+
+def test_cli_refuses_to_write_an_empty_dataset(tmp_path, clean_input):
+    """A --json-keys typo used to exit 0 with a 0-document dataset that failed only at training
+    start: now exit 1, say which key matched nothing (and which keys the input has), write nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for keys, unmatched in ((["txt"], "'txt'"), (["text", "body"], "'body'")):
+        done = run_tool(
+            "tools/preprocess_data.py",
+            *sp_cli("--input", clean_input, "--output-prefix", str(out / "x"), "--no-progress"),
+            "--json-keys",
+            *keys,
+            timeout=120,
+        )
+        assert done.returncode == 1, done.stderr
+        assert f"--json-keys {unmatched} matched nothing" in done.stderr  # only the culprit
+        assert f"none of the first {NUM_DOCS + 1} JSON objects" in done.stderr
+        assert "(their keys: 'source', 'text')" in done.stderr and "Traceback" not in done.stderr
+        assert os.listdir(out) == []
+
+
+def test_empty_texts_and_empty_input_are_errors(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": ""}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PreprocessError, match="of 2 documents read, 2 encoded to no tokens"):
+        run(str(blank), str(out / "b"))
+    with pytest.raises(PreprocessError, match="holds no JSON object in its first 1 lines"):
+        run(str(empty), str(out / "e"))
+    # a key that is empty in every document while the others are not: no empty 'source' dataset
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "some words", "source": ""}\n')
+    with pytest.raises(PreprocessError, match="no documents for json key 'source'"):
+        run(str(mixed), str(out / "m"), json_keys=("text", "source"))
+    assert os.listdir(out) == []

@@ -1,4 +1,4 @@
-"""The GLM LR schedule (GLM_SPEC §3) and its torch scheduler."""
+"""The GLM LR schedule (docs/training.md#iterations-learning-rate-loss) and its torch scheduler."""
 
 from __future__ import annotations
 
