@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if launch.rank == 0:
         logging.getLogger("pretrain_glm").info("configuration:\n%s", describe_run(run))
 
+    from megatron_glm.conversion import CheckpointError
+    from megatron_glm.training.checkpointing import LoadDirError
     from megatron_glm.training.loop import pretrain
 
     init_distributed(run.training.distributed_backend)
@@ -72,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pretrain(run)
         finished = True
+    except (CheckpointError, LoadDirError) as err:
+        # found on every rank while loading (rank 0 read the files and told the others): a user
+        # error like those of the command line, so the same exit status
+        if launch.rank == 0:
+            print(f"pretrain_glm.py: {err}", file=sys.stderr)
+        return 2
     finally:
         # A barrier before tearing down, but only after a clean finish (see shutdown_distributed).
         shutdown_distributed(synchronize=finished)

@@ -9,6 +9,18 @@ from typing import Any
 ATTENTION_BACKENDS = ("auto", "dense", "sdpa", "flex")
 
 
+# The model-size flags of pretrain_glm.py and tools/convert_checkpoint.py: argparse dest -> field.
+ARCHITECTURE_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_sequence_length",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+}
+
+
 def pad_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """Round ``vocab_size`` up to a multiple of ``divisible_by`` (the official GLM does not multiply
     by the TP degree; the model checks divisibility by TP when it is built for a layout)."""

@@ -47,8 +47,14 @@ class TrainingConfig:
     # checkpoints
     save: str | None = None
     load: str | None = None
+    # initialise the model from these weights (any checkpoint form, any source layout) and nothing
+    # else; a checkpoint found under ``load`` takes precedence (a relaunch resumes)
+    load_pretrained: str | None = None
     save_interval: int | None = None
     keep_last_k: int | None = None  # None: keep every checkpoint
+    # also save the layout-free state (fp32 weights + Adam moments under canonical names) that a
+    # resume on another TP/PP/DP/ZeRO layout needs; about 12 extra bytes per parameter
+    save_layout_free: bool = True
     load_rng: bool = True  # False (--no-load-rng): resume without the saved RNG streams
     load_optim: bool = True  # False (--no-load-optim): resume without the optimizer state
     load_lr_scheduler: bool = True  # False (--no-load-lr-scheduler): the schedule restarts

@@ -11,6 +11,7 @@ canonical names of docs/model.md#canonical-parameter-names.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,35 @@ class GLMModel(nn.Module):
         )
         self.transformer = GLMTransformer(config, tp_group)
         initialize_parameters(self, config, "", tp_group)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> GLMModel:
+        """A plain (TP = 1) model holding the weights of checkpoint directory ``path``: a
+        consolidated one (``config.json`` + ``model.safetensors``, docs/checkpoints.md#forms), or
+        any other form ``megatron_glm.conversion`` reads that carries its config. The state is
+        loaded strictly (every canonical name, nothing else); ``dtype`` casts it; eval mode."""
+        from megatron_glm.conversion import consolidated, read_checkpoint
+
+        if consolidated.FORM.detect(Path(path)):
+            loaded = consolidated.FORM.read(Path(path))
+        else:
+            loaded = read_checkpoint(path)
+        # Built on the meta device and given the loaded tensors: no random initialisation to
+        # compute and throw away, no second copy of the weights.
+        with torch.device("meta"):
+            model = cls(loaded.config)
+        # assign=True makes new Parameters: keep the partition attributes the layers set
+        attributes = {name: dict(vars(param)) for name, param in model.named_parameters()}
+        state = {
+            name: tensor if dtype is None else tensor.to(dtype)
+            for name, tensor in loaded.state.items()
+        }
+        model.load_state_dict(state, strict=True, assign=True)
+        for name, param in model.named_parameters():
+            for key, value in attributes[name].items():
+                setattr(param, key, value)
+        logger.info("loaded %s (%s)", path, loaded.source or "checkpoint")
+        return model.eval()
 
     def _run_layers(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
         b, s, _ = hidden.shape

@@ -19,12 +19,13 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megatron_glm.config.data import DataConfig, add_data_args
-from megatron_glm.config.model import ATTENTION_BACKENDS, PRESETS, GLMConfig
+from megatron_glm.config.model import ARCHITECTURE_FLAGS, ATTENTION_BACKENDS, PRESETS, GLMConfig
 from megatron_glm.config.training import LOSS_NORMALIZATIONS, LR_DECAY_STYLES, TrainingConfig
 from megatron_glm.data.tokenizers import GLMTokenizer
 from megatron_glm.training.compat import (
@@ -44,13 +45,7 @@ _TOKEN_CHECK_LIMIT = 1 << 24
 
 # Flags whose value overrides the preset, argparse name -> GLMConfig field.
 _MODEL_FLAGS = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_sequence_length",
-    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    **ARCHITECTURE_FLAGS,
     "hidden_dropout": "hidden_dropout",
     "attention_dropout": "attention_dropout",
     "attention_backend": "attention_backend",
@@ -174,9 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--load",
         default=None,
-        help="resume from the newest complete checkpoint here (missing/empty: fresh)",
+        help="resume from the newest complete checkpoint here; a missing or empty directory "
+        "starts fresh, anything else (an official GLM checkpoint, only incomplete saves) is an "
+        "error",
+    )
+    g.add_argument(
+        "--load-pretrained",
+        default=None,
+        help="initialise the model from these weights: any checkpoint form (ours, consolidated, "
+        "the official GLM's, Hugging Face), any source layout; optimizer, schedule and data "
+        "position start fresh; ignored when --load finds a checkpoint to resume "
+        "(docs/checkpoints.md)",
     )
     g.add_argument("--save-interval", type=int, default=None, help="default: save at the end")
+    g.add_argument(
+        "--no-layout-free-state",
+        action="store_true",
+        help="do not save the layout-free copy of the weights and optimizer state (12 bytes per "
+        "parameter): the checkpoint then resumes only on the same TP/PP/DP/ZeRO layout",
+    )
     g.add_argument("--keep-last-k", type=int, default=None, help="delete older checkpoints")
     g.add_argument(
         "--no-load-rng",
@@ -373,6 +384,7 @@ _TRAINING_FLAGS = (
     "loss_normalization",
     "save",
     "load",
+    "load_pretrained",
     "save_interval",
     "keep_last_k",
     "eval_interval",
@@ -451,6 +463,7 @@ def _training_config(
     values.update(
         train_iters=train_iters,
         load_rng=not args.no_load_rng,
+        save_layout_free=not args.no_layout_free_state,
         load_optim=not args.no_load_optim,
         load_lr_scheduler=not args.no_load_lr_scheduler,
         progress_bar=not args.no_progress_bar,
@@ -513,6 +526,8 @@ def build_run_config(
     validation = training is not None and bool(training.eval_interval)
     if data is not None and check_data:
         _check_data(data, tokenizer, ("train", "valid") if validation else ("train",), problems)
+    if training is not None:
+        _check_checkpoints(training, model, problems)
     if problems:
         raise ConfigError(problems)
     assert model is not None and training is not None and data is not None and ds is not None
@@ -525,6 +540,97 @@ def build_run_config(
         dialect=compat.dialect,
         notes=compat.notes,
     )
+
+
+def own_outputs(training: TrainingConfig) -> tuple[str, ...]:
+    """Files this run writes that may sit in its --load directory before its first checkpoint."""
+    return tuple(p for p in (training.log_json, training.tensorboard_dir) if p)
+
+
+def _check_checkpoints(
+    training: TrainingConfig, model: GLMConfig | None, problems: list[str]
+) -> None:
+    """--load must hold a complete checkpoint of ours or nothing; --load-pretrained must hold
+    weights of this run's architecture (read from the checkpoint's config, not its tensors).
+    A checkpoint to resume takes precedence: --load-pretrained is then not looked at, so a
+    relaunch resumes even when the pretrained weights have moved since."""
+    from megatron_glm.training.checkpointing import (
+        LoadDirError,
+        checkpoint_to_resume,
+        find_latest_checkpoint,
+    )
+
+    resume = None
+    if training.load:
+        try:
+            resume = checkpoint_to_resume(training.load, ignore=own_outputs(training))
+        except LoadDirError as err:
+            problems.append(str(err))
+            return
+    if not training.load_pretrained or resume is not None:
+        return
+    if training.save and not training.load:
+        saved = find_latest_checkpoint(training.save)
+        if saved is not None:
+            problems.append(
+                f"--save {training.save} already holds checkpoint {saved.iteration} and --load "
+                f"is not given: this run would start again from --load-pretrained and overwrite "
+                f"it; pass --load {training.save} to resume it"
+            )
+    problems.extend(pretrained_problems(training.load_pretrained, model))
+
+
+def pretrained_problems(path: str, model: GLMConfig | None) -> list[str]:
+    """Why ``--load-pretrained path`` cannot initialise ``model``: a missing path, no checkpoint
+    form megatron_glm reads, or an architecture that differs (every differing field, by the rule
+    the forms apply when they read). Reads only the checkpoint's config; the official layout has
+    none (only its tensor shapes tell), so it is checked when its weights are loaded."""
+    from megatron_glm.conversion import CheckpointError, detect_form
+    from megatron_glm.conversion.canonical import config_problems
+
+    if not os.path.exists(path):
+        return [f"--load-pretrained {path} does not exist"]
+    try:
+        form = detect_form(path)
+        checkpoint_config = read_checkpoint_config(path, form)
+    except CheckpointError as err:
+        return [f"--load-pretrained: {problem}" for problem in err.problems]
+    if model is None or checkpoint_config is None:
+        return []
+    return [
+        f"--load-pretrained ({form} form) does not fit this run's model: {problem}"
+        for problem in config_problems(checkpoint_config, model, path)
+    ]
+
+
+def read_checkpoint_config(path: str, form: str) -> GLMConfig | None:
+    """The architecture a checkpoint of ``form`` declares, read from its small files (no
+    tensors); None for the official layout, which declares none."""
+    import json
+
+    from megatron_glm.conversion import CheckpointError, consolidated, get_form, hf
+    from megatron_glm.conversion.deepspeed_form import read_meta, resolve_checkpoint_dir
+
+    reader = getattr(get_form(form), "read_config", None)
+    if reader is not None:  # a form that says itself
+        return reader(Path(path))
+    if form == "deepspeed":
+        tag_dir = resolve_checkpoint_dir(Path(path))
+        try:
+            return GLMConfig(**read_meta(tag_dir)["config"]["model"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError([f"{tag_dir}: invalid model config ({err})"]) from None
+    if form not in ("consolidated", "hf"):
+        return None
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    config_file = directory / "config.json"
+    try:
+        obj = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError([f"{config_file}: cannot be read as JSON ({err})"]) from None
+    if form == "hf":
+        return hf.config_from_hf(obj, str(config_file))
+    return consolidated.config_from_dict(obj, str(config_file))
 
 
 def parse_run_config(argv: Sequence[str] | None, world_size: int, **kwargs: Any) -> RunConfig:

@@ -8,6 +8,7 @@ Layout (docs/checkpoints.md)::
         mp_rank_XX_model_states.pt ...       DeepSpeed's files (layer_*, zero_pp_rank_* ...)
         rng_state_rank00000.pt ...           every rank's RNG streams (weights_only-loadable)
         megatron_glm_meta.json               iteration, consumed samples, config, versions
+        layout_free/                         what a resume on another layout reads (reshard.py)
         COMPLETE                             written last: the save finished on every rank
 
 Publishing protocol: every rank writes its files into the tag directory, all ranks meet at a
@@ -154,6 +155,108 @@ def find_latest_checkpoint(load_dir: str | Path | None) -> CheckpointRef | None:
     return CheckpointRef(path.name, iteration, path)
 
 
+class LoadDirError(ValueError):
+    """``--load`` names a directory that holds something, but no complete checkpoint of ours."""
+
+
+def checkpoint_to_resume(
+    load_dir: str | Path | None, *, ignore: tuple[str | Path, ...] = ()
+) -> CheckpointRef | None:
+    """What ``--load load_dir`` resumes: the newest complete checkpoint, or ``None`` for a fresh
+    start when the directory is missing or empty. Anything else is a ``LoadDirError`` saying what
+    the directory holds: a run must never silently start over next to weights it was meant to
+    continue (an official GLM checkpoint, a save that was killed before its first ``COMPLETE``).
+
+    ``ignore``: paths the run itself writes and that may sit in ``load_dir`` before the first
+    checkpoint does (its ``--log-json`` file, its ``--tensorboard-dir``); they do not make the
+    directory non-empty.
+    """
+    ref = find_latest_checkpoint(load_dir)
+    if not load_dir:
+        return None
+    root = Path(load_dir)
+    if ref is not None:
+        if read_metadata(ref.path).get("weights_only"):
+            raise LoadDirError(
+                f"--load {root}: checkpoint {ref.path} holds weights only (written by "
+                "tools/convert_checkpoint.py: no optimizer, LR schedule or data position), so "
+                f"there is nothing to resume; start from it with --load-pretrained {root}"
+            )
+        return ref
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise LoadDirError(f"--load {root} is a file, not a checkpoint directory")
+    ignored = {Path(p).resolve() for p in ignore}
+    entries = sorted(
+        (child for child in root.iterdir() if child.resolve() not in ignored),
+        key=lambda p: p.name,
+    )
+    if not entries:
+        return None
+    raise LoadDirError(_describe_unresumable(root, entries))
+
+
+def _describe_unresumable(root: Path, entries: list[Path]) -> str:
+    form = _detected_form(root)
+    described = None if form is None else FORM_DESCRIPTIONS.get(form, form)
+    if (root / META_FILE).is_file():
+        return (
+            f"--load {root} is one checkpoint of a megatron_glm run (its iteration directory): "
+            f"--load takes the directory that holds the run's checkpoints ({root.parent}); to "
+            f"start from these weights only, pass --load-pretrained {root}"
+        )
+    incomplete = [p for p in entries if p.is_dir() and p.name.isdigit() and not is_complete(p)]
+    if incomplete and len(incomplete) == len(entries):
+        other = (
+            f". If they are not ours but a checkpoint in the {described} form, "
+            f"start from its weights with --load-pretrained {root}"
+            if form is not None
+            else ""
+        )
+        return (
+            f"--load {root} holds only incomplete checkpoints (iteration directories "
+            f"{', '.join(p.name for p in incomplete)} without a {COMPLETE_MARKER} marker: saves "
+            "that were killed before they finished) and no complete one, so there is nothing to "
+            "resume. Delete them to start fresh "
+            f"(rm -r {' '.join(str(p) for p in incomplete)}), or point --load elsewhere" + other
+        )
+    if form is not None:
+        return (
+            f"--load {root} holds a checkpoint in the {described} form, not a "
+            "megatron_glm training checkpoint, so there is nothing to resume. To start from its "
+            f"weights with a fresh optimizer, LR schedule and data position, pass "
+            f"--load-pretrained {root} (and give --load the directory this run saves to); to "
+            "change its form, use tools/convert_checkpoint.py (docs/checkpoints.md)"
+        )
+    found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:12])
+    more = f" and {len(entries) - 12} more" if len(entries) > 12 else ""
+    return (
+        f"--load {root} holds no complete megatron_glm checkpoint (found: {found}{more}), so "
+        "there is nothing to resume; only a missing or empty directory starts a new run. Pass "
+        "the directory of a run's checkpoints, an empty or new directory to start fresh, or "
+        "--load-pretrained PATH to start from weights in another form (docs/checkpoints.md)"
+    )
+
+
+def _detected_form(root: Path) -> str | None:
+    """The checkpoint form (docs/checkpoints.md) ``root`` holds; None when none is readable."""
+    from megatron_glm.conversion import CheckpointError, detect_form
+
+    try:
+        return detect_form(root)
+    except CheckpointError:
+        return None
+
+
+FORM_DESCRIPTIONS = {
+    "official": "official GLM",
+    "consolidated": "consolidated (config.json + model.safetensors)",
+    "hf": "Hugging Face",
+    "deepspeed": "megatron_glm",
+}
+
+
 def _tag_iteration(path: Path, tag: str) -> int:
     if tag.isdigit():
         return int(tag)
@@ -181,11 +284,13 @@ def save_checkpoint(
     rng_states: dict[str, Any],
     keep_last_k: int | None = None,
     on_written: Callable[[int, Path], None] | None = None,
+    layout_free: bool = True,
 ) -> Path:
     """Save and publish checkpoint ``iteration``; every rank calls this (it has barriers).
 
     ``on_written(iteration, tag_dir)`` runs on every rank after its files are written and before
     the publish barrier: the fault-injection seam (an exception there leaves ``latest`` alone).
+    ``layout_free``: also write the state a resume on another layout reads (reshard.py).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -205,6 +310,10 @@ def save_checkpoint(
     client_state = {"iteration": iteration, "consumed_samples": consumed_samples}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_torch_save(rng_states, tag_dir / rng_file_name(rank))
+    if layout_free:
+        from megatron_glm.training.reshard import save_layout_free_state
+
+        save_layout_free_state(engine, tag_dir, config, iteration, consumed_samples)
     if rank == 0:
         meta = {
             "iteration": iteration,
@@ -281,8 +390,11 @@ def load_checkpoint(
     """Load ``ref`` into ``engine`` on every rank; RNG states are returned, not applied (the
     caller restores them right before the first step, after set-up has drawn its numbers).
 
-    ``layout`` = this run's (tensor, pipeline) parallel sizes: DeepSpeed's files are per
-    model-parallel rank, so a checkpoint of another layout is refused with a clear error.
+    ``layout`` = this run's (tensor, pipeline) parallel sizes. DeepSpeed's files are per
+    model-parallel rank and ZeRO partition: they load when the tensor, pipeline and data parallel
+    sizes, the ZeRO stage and the precision are the checkpoint's. Otherwise the checkpoint's
+    layout-free state is resharded into ``engine`` (reshard.py); the RNG streams returned then
+    are fresh ones for the new ranks.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     metadata = read_metadata(ref.path)
@@ -291,12 +403,12 @@ def load_checkpoint(
         saved.get("tensor_model_parallel_size"),
         saved.get("pipeline_model_parallel_size"),
     )
-    if layout is not None and None not in saved_layout and tuple(saved_layout) != tuple(layout):
-        raise ValueError(
-            f"checkpoint {ref.path} was saved with tensor/pipeline parallel sizes "
-            f"{saved_layout[0]}/{saved_layout[1]}, this run uses {layout[0]}/{layout[1]}: resume "
-            "with the same layout"
+    if layout is not None and None not in saved_layout:
+        resharded = _load_on_another_layout(
+            engine, ref, metadata, tuple(saved_layout), layout, load_optimizer, load_lr_scheduler
         )
+        if resharded is not None:
+            return resharded
     load_path, client_state = engine.load_checkpoint(
         str(ref.path.parent),
         tag=ref.tag,
@@ -318,3 +430,46 @@ def load_checkpoint(
         )
     consumed = int((client_state or {}).get("consumed_samples", metadata["consumed_samples"]))
     return LoadedCheckpoint(int(metadata["iteration"]), consumed, rng_states, metadata, ref.path)
+
+
+def _load_on_another_layout(
+    engine: Any,
+    ref: CheckpointRef,
+    metadata: dict[str, Any],
+    saved_layout: tuple[int, int],
+    layout: tuple[int, int],
+    load_optimizer: bool,
+    load_lr_scheduler: bool,
+) -> LoadedCheckpoint | None:
+    """Reshard ``ref`` into ``engine`` when its layout differs from this run's; ``None`` when
+    the layouts agree (DeepSpeed's own files then load, bit for bit)."""
+    from megatron_glm.training import reshard
+
+    state = reshard.read_state(ref.path)
+    current = reshard.engine_layout(engine, layout[0], layout[1])
+    if state is not None and current is not None:
+        if reshard.saved_layout(state) == current:
+            return None
+    elif tuple(saved_layout) == tuple(layout):
+        return None  # nothing finer to compare: trust the tensor/pipeline sizes
+    if state is None or current is None:
+        raise ValueError(
+            f"checkpoint {ref.path} was saved with tensor/pipeline parallel sizes "
+            f"{saved_layout[0]}/{saved_layout[1]}, this run uses {layout[0]}/{layout[1]}, and it "
+            f"has no {reshard.LAYOUT_FREE_DIR}/ state to reshard (a checkpoint written before "
+            "megatron_glm wrote one, or by a run whose optimizer has no per-parameter access): "
+            "resume with the same layout"
+        )
+    seed = int(metadata.get("config", {}).get("training", {}).get("seed", 1234))
+    loaded = reshard.load_layout_free_state(
+        engine,
+        ref.path,
+        state,
+        load_optimizer=load_optimizer,
+        load_lr_scheduler=load_lr_scheduler,
+        current=current,
+        seed=seed,
+    )
+    return LoadedCheckpoint(
+        loaded.iteration, loaded.consumed_samples, loaded.rng_states, metadata, ref.path
+    )

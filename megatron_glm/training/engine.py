@@ -20,8 +20,10 @@ fp16 at ZeRO stage 0 (docs/training.md, "fp16"). DeepSpeed wraps the optimizer i
 scale and treats inf/nan as overflow; DeepSpeed 0.19.8's ``engine.backward`` multiplies the loss by
 that scale only for ZeRO optimizers (upstream pull request 8393), so the trainer applies the scale
 itself, through a gradient hook on the loss, when it sees that DeepSpeed did not. It also measures
-the gradient norm itself there (the unfused optimizer reports it still multiplied by the scale) and
-undoes the zero-gradient Adam step with which those optimizers prime their state.
+the gradient norm itself there (the unfused optimizer reports it still multiplied by the scale).
+The same wrappers serve bf16 at ZeRO 0 without a pipeline (loss scale 1); in both precisions the
+trainer measures the gradient norm, hands it to the unfused optimizer to clip by, and undoes the
+zero-gradient Adam step with which those optimizers prime their state.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from megatron_glm.config import GLMConfig
 from megatron_glm.data.blank_infilling import OBJECTIVES
 from megatron_glm.model import GLMModel, glm_loss, param_groups_for_weight_decay
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training.arguments import RunConfig
 from megatron_glm.training.lr_schedule import GLMLRScheduler
-from megatron_glm.training.pipeline import PipelineLoss, build_pipeline_module
+from megatron_glm.training.pipeline import (
+    PipelineLoss,
+    build_pipeline_module,
+    module_canonical_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +67,9 @@ class StepStats:
 
 
 def _is_stage0_fp16_optimizer(optimizer: Any) -> bool:
-    """DeepSpeed's fp16 optimizer wrappers without ZeRO (ZeRO stage 0)."""
+    """DeepSpeed's fp16 optimizer wrappers without ZeRO (ZeRO stage 0). DeepSpeed 0.19.8 also
+    takes them for bf16 at stage 0 without pipeline parallelism (a bf16 low-precision type; with
+    a pipeline it takes its ``BF16_Optimizer``)."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
@@ -89,10 +99,125 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+# ---- weights from --load-pretrained -----------------------------------------------------------
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """What ``load_pretrained_weights`` put into the model (for the log)."""
+
+    path: str
+    form: str
+    iteration: int | None
+    num_tensors: int  # canonical tensors read
+    num_local: int  # of them held by this rank (its pipeline stage)
+    dtypes: tuple[str, ...]  # the checkpoint's tensor dtypes
+
+
+def canonical_tensors(model: nn.Module, num_layers: int) -> dict[str, torch.Tensor]:
+    """This rank's parameters under their canonical names (docs/model.md#canonical-parameter-names).
+
+    A ``GLMModel``'s state-dict names are canonical; a pipeline stage's are DeepSpeed's layer
+    indices and ``tied_modules``, mapped by ``pipeline.module_canonical_name``. The tied word table
+    appears on the first and on the last stage: both load it.
+    """
+    state = model.state_dict(keep_vars=True)
+    if isinstance(model, GLMModel):
+        return dict(state)
+    return {module_canonical_name(name, num_layers): tensor for name, tensor in state.items()}
+
+
+def _read_pretrained(path: str, config: GLMConfig) -> tuple[dict[str, Any], Any]:
+    """Rank 0's read: a header for every rank (the tensor list, or the problems) and the
+    checkpoint. Any reason not to load becomes the header's problems, so every rank fails alike."""
+    from megatron_glm.conversion import CheckpointError, detect_form, read_checkpoint
+    from megatron_glm.conversion.canonical import state_problems
+
+    try:
+        form = detect_form(path)
+        checkpoint = read_checkpoint(path, config)
+    except Exception as err:  # any failure: the other ranks must hear of it, not wait for tensors
+        if isinstance(err, CheckpointError):
+            return {"problems": err.problems}, None
+        return {"problems": [f"{path}: cannot be read ({type(err).__name__}: {err})"]}, None
+    # the form checked its config against ``config``; the tensors must fit the model exactly
+    problems = state_problems(checkpoint.state, config, path)
+    if problems:
+        return {"problems": problems}, None
+    header = {
+        "problems": [],
+        "form": form,
+        "iteration": checkpoint.iteration,
+        "tensors": [
+            (name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in checkpoint.state.items()
+        ],
+    }
+    return header, checkpoint
+
+
+def load_pretrained_weights(
+    model: nn.Module, path: str, config: GLMConfig, groups: Any
+) -> PretrainedWeights:
+    """Copy the weights of the checkpoint at ``path`` (any form, any source TP/PP) into ``model``
+    (a ``GLMModel`` or this rank's pipeline stage), before DeepSpeed wraps it: ZeRO partitions and
+    the fp32 master weights are then made from them. Every rank calls this.
+
+    Rank 0 alone reads the checkpoint into canonical TP=1 tensors; they are broadcast one at a
+    time and every rank keeps its TP slice of the names its stage holds, so no other rank holds
+    more than one full tensor at once. A checkpoint that cannot be read or does not fit raises
+    ``CheckpointError`` (every problem) on every rank.
+    """
+    from megatron_glm.conversion import CheckpointError
+    from megatron_glm.conversion.canonical import shard_state
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    header, checkpoint = _read_pretrained(path, config) if rank == 0 else ({}, None)
+    box = [header]
+    dist.broadcast_object_list(box, src=0)
+    header = box[0]
+    if header["problems"]:
+        raise CheckpointError(header["problems"])
+
+    local = canonical_tensors(model, config.num_layers)
+    missing = sorted(set(local) - {name for name, _, _ in header["tensors"]})
+    assert not missing, f"model tensors without a canonical name in the checkpoint: {missing}"
+    # NCCL moves CUDA tensors only; the model itself is still on the CPU here
+    nccl = dist.get_backend() == "nccl"
+    comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    with torch.no_grad():
+        for name, shape, dtype in header["tensors"]:
+            if rank == 0:
+                full = checkpoint.state.pop(name).to(comm).contiguous()
+            else:
+                full = torch.empty(shape, dtype=getattr(torch, dtype), device=comm)
+            if world > 1:
+                dist.broadcast(full, src=0)
+            target = local.get(name)
+            if target is None:
+                continue  # held by another pipeline stage
+            piece = shard_state({name: full}, config, groups.tp_rank, groups.tp_size)[name]
+            if tuple(piece.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    [
+                        f"{path}: {name} gives TP rank {groups.tp_rank} a slice of shape "
+                        f"{tuple(piece.shape)}, the model holds {tuple(target.shape)}"
+                    ]
+                )
+            target.copy_(piece.to(device=target.device, dtype=target.dtype))
+    return PretrainedWeights(
+        path=path,
+        form=header["form"],
+        iteration=header["iteration"],
+        num_tensors=len(header["tensors"]),
+        num_local=len(local),
+        dtypes=tuple(sorted({dtype for _, _, dtype in header["tensors"]})),
+    )
+
+
 class Trainer:
     """One engine and what an iteration does with it; every rank builds one."""
 
-    def __init__(self, run: RunConfig, groups: Any) -> None:
+    def __init__(self, run: RunConfig, groups: Any, pretrained: str | None = None) -> None:
+        """``pretrained``: a checkpoint (any form) whose weights the model starts from."""
         self.run = run
         self.groups = groups
         self.device = _device()
@@ -120,6 +245,10 @@ class Trainer:
             self.loss_fn = None
             model = GLMModel(run.model, self.tp_group)
             mpu = groups
+        self.pretrained: PretrainedWeights | None = None
+        if pretrained is not None:
+            self.pretrained = load_pretrained_weights(model, pretrained, run.model, groups)
+            self._log_pretrained(self.pretrained, model)
         param_groups = param_groups_for_weight_decay(model, ds.weight_decay)
         t = run.training
 
@@ -146,18 +275,21 @@ class Trainer:
         # whether DeepSpeed applied the loss scale itself.
         self._deepspeed_scales_loss: bool | None = None
         self._scaled_grad_norm = float("nan")  # the norm the stage-0 fp16 optimizer clips by
-        self.fp16_stage0 = run.ds.precision == "fp16" and _is_stage0_fp16_optimizer(
-            self.engine.optimizer
-        )
-        if self.fp16_stage0:
+        stage0_wrapper = _is_stage0_fp16_optimizer(self.engine.optimizer)
+        if stage0_wrapper:  # fp16 or bf16: both prime Adam and clip by a TP/PP-blind norm
             self._undo_adam_priming()
-            self._install_fp16_stage0_probes()
+            self._install_stage0_norm_probe()
+        self.fp16_stage0 = run.ds.precision == "fp16" and stage0_wrapper
+        if self.fp16_stage0 and self.pipelined:
+            self._install_pipeline_loss_scale_hook()
         if groups.rank == 0:
+            basic, wrapper = self.engine.basic_optimizer, self.engine.optimizer
             logger.info(
                 "engine: %s, optimizer %s, ZeRO stage %d, %s, micro batch %d x %d accumulation "
                 "x %d data-parallel = %d per iteration",
                 type(self.engine).__name__,
-                type(self.engine.basic_optimizer).__name__,
+                type(basic).__name__
+                + ("" if wrapper is basic else f" in DeepSpeed's {type(wrapper).__name__}"),
                 ds.zero_stage,
                 ds.precision,
                 ds.micro_batch_size,
@@ -166,10 +298,39 @@ class Trainer:
                 ds.train_batch_size,
             )
 
+    def _log_pretrained(self, loaded: PretrainedWeights, model: nn.Module) -> None:
+        if self.groups.rank != 0:
+            return
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        cast = ", ".join(loaded.dtypes)
+        cast += f" -> {dtype}" if loaded.dtypes != (dtype,) else " (no cast)"
+        logger.info(
+            "model initialised from --load-pretrained %s: %s form, iteration %s, %d tensors "
+            "(%d on this stage), %s; the run trains in %s from iteration 0 with a fresh "
+            "optimizer, LR schedule and data position",
+            loaded.path,
+            loaded.form,
+            "unknown" if loaded.iteration is None else loaded.iteration,
+            loaded.num_tensors,
+            loaded.num_local,
+            cast,
+            self.run.ds.precision,
+        )
+
+    def refresh_master_weights(self) -> None:
+        """After loading a checkpoint's weights without its optimizer state (``--no-load-optim``):
+        make the fp32 master weights of DeepSpeed's ZeRO-0 fp16/bf16 optimizers match the loaded
+        weights. DeepSpeed 0.19.8's ``load_checkpoint`` re-derives them for ZeRO only; at stage 0
+        the masters would keep the initial values and the first step would write those back (the
+        official code calls ``refresh_fp32_params`` here too)."""
+        optimizer = self.engine.optimizer
+        if self.run.ds.zero_stage == 0 and hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
+
     # ---- gradient norm ------------------------------------------------------------------------
     def _install_grad_norm_probe(self) -> None:
         """DeepSpeed's ZeRO / bf16 optimizers report the global norm themselves (its stage-0 fp16
-        ones not reliably: ``_install_fp16_stage0_probes``); a plain torch optimizer (fp32, ZeRO 0)
+        ones not reliably: ``_install_stage0_norm_probe``); a plain torch optimizer (fp32, ZeRO 0)
         does not, so we measure it before the update (and replace DeepSpeed's fp32 clipping, which
         would otherwise hide the pre-clip norm from us)."""
         optimizer = self.engine.optimizer
@@ -214,23 +375,26 @@ class Trainer:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
-    # ---- fp16 at ZeRO stage 0 -----------------------------------------------------------------
-    def _install_fp16_stage0_probes(self) -> None:
-        """The loss-scale hook on every training loss (the pipeline's last stage computes it in the
-        ``PipelineModule``'s ``loss_fn``; the other stages only see gradients that already carry
-        the scale), and our own gradient norm before each optimizer step."""
-        if self.pipelined:
-            module = self.engine.module
-            loss_fn = module.loss_fn
+    # ---- fp16 (and bf16) at ZeRO stage 0 -------------------------------------------------------
+    def _install_pipeline_loss_scale_hook(self) -> None:
+        """fp16: the loss-scale hook on every training loss of the pipeline's last stage, which
+        computes it in the ``PipelineModule``'s ``loss_fn`` (the other stages only see gradients
+        that already carry the scale; without a pipeline ``train_step`` registers it)."""
+        module = self.engine.module
+        loss_fn = module.loss_fn
 
-            def scaled_loss_fn(*args: Any) -> torch.Tensor:
-                loss = loss_fn(*args)
-                if loss.requires_grad:  # not under eval_batch's no_grad
-                    loss.register_hook(self._loss_scale_hook)
-                return loss
+        def scaled_loss_fn(*args: Any) -> torch.Tensor:
+            loss = loss_fn(*args)
+            if loss.requires_grad:  # not under eval_batch's no_grad
+                loss.register_hook(self._loss_scale_hook)
+            return loss
 
-            module.loss_fn = scaled_loss_fn
+        module.loss_fn = scaled_loss_fn
 
+    def _install_stage0_norm_probe(self) -> None:
+        """Our own gradient norm before each optimizer step, and the unfused optimizer clipping by
+        it. bf16 goes through here too (its loss scale is a static 1): measured with TP 2 at
+        ZeRO 0, DeepSpeed's own norm was 2.133 where TP 1 had 2.318."""
         optimizer = self.engine.optimizer
         inner_step = optimizer.step
 
@@ -258,12 +422,14 @@ class Trainer:
             optimizer.unscale_and_clip_grads = clip_with_our_norm
 
     def _undo_adam_priming(self) -> None:
-        """DeepSpeed's stage-0 fp16 optimizers "initialize the optimizer states" by stepping the
-        inner optimizer once on zero gradients (ZeRO no longer does). For Adam that is a phantom
+        """DeepSpeed's stage-0 fp16 optimizers (also used for bf16: ``_is_stage0_fp16_optimizer``)
+        "initialize the optimizer states" by stepping the inner optimizer once on zero gradients
+        (ZeRO and ``BF16_Optimizer`` do not). For Adam that is a phantom
         step: its bias correction runs one step ahead (the first real update is about 0.74 of
         ZeRO's or fp32's with betas 0.9/0.98) and the fp32 master weights take one extra weight
         decay. Adam creates its state lazily, so forget that state and restore the masters from
-        the fp16 parameters (which that step did not touch). Only an Adam state that is exactly
+        the fp16/bf16 parameters (which that step did not touch; the masters were copied from
+        them, so this is exact). Only an Adam state that is exactly
         one step on zero gradients is reset; anything else is left to DeepSpeed."""
         optimizer = self.engine.optimizer
         states = list(optimizer.optimizer.state.values())

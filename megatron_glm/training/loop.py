@@ -1,12 +1,13 @@
 """The pretraining loop: set-up, resume, iterations, validation, logging, checkpoints, exit.
 
 ``pretrain(run)`` is everything after the command line was validated and ``torch.distributed``
-started. It resumes from the newest complete checkpoint under ``--load`` (none: a fresh start,
-logged), trains until ``--train-iters`` or the next multiple of ``--exit-interval``, and saves on
-``--save-interval`` and when it stops. Exact resume: model/optimizer/scheduler state (DeepSpeed),
-the consumed-sample count (the data order is a pure function of the sample index) and every rank's
-RNG streams, restored right before the first iteration, so a resumed run repeats the uninterrupted
-one bit for bit.
+started. It resumes from the newest complete checkpoint under ``--load``; without one it starts
+from the ``--load-pretrained`` weights (fresh optimizer, schedule and data position) or from the
+initialisation (logged). It trains until ``--train-iters`` or the next multiple of
+``--exit-interval``, and saves on ``--save-interval`` and when it stops. Exact resume:
+model/optimizer/scheduler state (DeepSpeed), the consumed-sample count (the data order is a pure
+function of the sample index) and every rank's RNG streams, restored right before the first
+iteration, so a resumed run repeats the uninterrupted one bit for bit.
 
 Hooks (``TrainingHooks``) are the seams for fault injection and monitoring: ``on_step_end(iteration,
 stats)`` after every iteration and ``on_save(iteration, tag_dir)`` after this rank's checkpoint
@@ -30,9 +31,11 @@ import torch.distributed as dist
 
 from megatron_glm.parallel.random import get_all_rng_states, set_all_rng_states
 from megatron_glm.parallel.topology import ParallelTopology
-from megatron_glm.training.arguments import RunConfig
+from megatron_glm.training.arguments import RunConfig, own_outputs
 from megatron_glm.training.checkpointing import (
-    find_latest_checkpoint,
+    CheckpointRef,
+    LoadDirError,
+    checkpoint_to_resume,
     load_checkpoint,
     save_checkpoint,
 )
@@ -115,11 +118,45 @@ def _loader(
     )
 
 
-def _agree_on_checkpoint(run: RunConfig, rank: int) -> Any:
-    """Rank 0 picks the checkpoint (one view of the file system), everyone uses its choice."""
-    choice = [find_latest_checkpoint(run.training.load) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+@dataclass(frozen=True)
+class StartPoint:
+    """Where the model's weights come from: a checkpoint of ours to resume (model, optimizer,
+    schedule, data position, RNG), else the ``--load-pretrained`` weights (the model only), else
+    the initialisation."""
+
+    resume: CheckpointRef | None
+    pretrained: str | None
+
+
+def _agree_on_start(run: RunConfig, rank: int) -> StartPoint:
+    """Rank 0 decides (one view of the file system), everyone uses its choice. A checkpoint to
+    resume wins over ``--load-pretrained``: relaunching a continued-pretraining job resumes it."""
+    t = run.training
+    decision: list[Any] = [None]
+    if rank == 0:
+        try:
+            ref = checkpoint_to_resume(t.load, ignore=own_outputs(t)) if t.load else None
+            decision = [StartPoint(ref, None if ref is not None else t.load_pretrained)]
+        except LoadDirError as err:  # the directory changed since the command line was checked
+            decision = [str(err)]
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise LoadDirError(decision[0])
+    start: StartPoint = decision[0]
+    if rank == 0 and start.resume is not None and t.load_pretrained:
+        logger.info(
+            "--load %s holds checkpoint %d: resuming it; --load-pretrained %s is ignored",
+            t.load,
+            start.resume.iteration,
+            t.load_pretrained,
+        )
+    elif rank == 0 and start.resume is None:
+        logger.info(
+            "%s: starting %s",
+            f"no checkpoint under --load {t.load}" if t.load else "no --load",
+            "from the --load-pretrained weights" if start.pretrained else "fresh",
+        )
+    return start
 
 
 def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
@@ -132,10 +169,11 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     )
     groups = topology.build_groups(rank)
     train_ds, valid_ds, collator = _data(run, groups)
-    trainer = Trainer(run, groups)
+    start = _agree_on_start(run, rank)
+    trainer = Trainer(run, groups, pretrained=start.pretrained)
 
     iteration, consumed, rng_states = 0, 0, None
-    ref = _agree_on_checkpoint(run, rank) if t.load else None
+    ref = start.resume
     if ref is not None:
         layout = (t.tensor_model_parallel_size, t.pipeline_model_parallel_size)
         loaded = load_checkpoint(
@@ -145,6 +183,8 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
             load_lr_scheduler=t.load_lr_scheduler,
             layout=layout,
         )
+        if not t.load_optim:
+            trainer.refresh_master_weights()
         iteration, consumed, rng_states = (
             loaded.iteration,
             loaded.consumed_samples,
@@ -154,8 +194,6 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
             logger.info(
                 "resumed from %s: iteration %d, %d samples consumed", ref.path, iteration, consumed
             )
-    elif rank == 0:
-        logger.info("no checkpoint under --load %r: starting fresh", t.load)
 
     stop = t.stop_iteration(iteration)
     train_iter = _loader(run, groups, train_ds, collator, consumed, run.data.num_workers)
@@ -183,6 +221,7 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
             rng_states=get_all_rng_states(),
             keep_last_k=t.keep_last_k,
             on_written=hooks._run_save_hooks,
+            layout_free=t.save_layout_free,
         )
 
     # Restore the streams last: everything above (model init, data set-up) may draw numbers.

@@ -9,6 +9,9 @@ labels tuple ``(labels [b,s], loss_mask [b,s], normalizer [1])``.
 
 Layer list: ``EmbeddingPipe`` (tied, key ``word_embeddings``), ``num_layers`` x ``LayerPipe``,
 ``FinalLayerNormPipe``, then the tied head (the same key, forward = ``parallel_lm_logits``).
+Where each canonical parameter lives in that list is this module's rule (``pipeline_location``,
+``canonical_name``, ``module_canonical_name``); DeepSpeed's per-layer checkpoint files, the
+layout-free state and ``--load-pretrained`` all map names through it.
 Each block initialises itself from ``(seed, canonical name)``, so a stage holds exactly the
 weights the unpartitioned ``GLMModel`` has; DeepSpeed also broadcasts the tied table from the
 first stage. The last stage's copy of the embedding keeps only the word table (the position tables
@@ -34,6 +37,62 @@ from megatron_glm.parallel.random import checkpoint
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 TIED_KEY = "word_embeddings"
+# where PipelineModule registers the tied embedding's parameters (its ModuleDict ``tied_modules``)
+TIED_MODULE_PREFIX = f"tied_modules.{TIED_KEY}."
+EMBEDDING_LAYER = 0  # the embedding: the word table and the position tables
+_LAYERS = "transformer.layers."
+_TRANSFORMER = "transformer."  # FinalLayerNormPipe holds ``final_layernorm.*`` of GLMTransformer
+
+
+def final_layernorm_layer(num_layers: int) -> int:
+    """Pipeline layer index of ``FinalLayerNormPipe``."""
+    return num_layers + 1
+
+
+def head_layer(num_layers: int) -> int:
+    """Pipeline layer index of the tied head (its parameters are layer 0's word table)."""
+    return num_layers + 2
+
+
+def pipeline_location(canonical: str, num_layers: int) -> tuple[int, str]:
+    """The pipeline layer holding canonical parameter ``canonical`` and its name inside that
+    layer's module: ``transformer.layers.{i}.*`` is layer ``i + 1``, ``transformer.final_layernorm.*``
+    layer ``num_layers + 1`` (as ``final_layernorm.*``), everything else (the word table and the
+    position tables) the embedding, layer 0, under its canonical name. The tied head's copy of the
+    word table (layer ``num_layers + 2``) is not reported: layer 0 owns it."""
+    if canonical.startswith(_LAYERS):
+        number, local = canonical[len(_LAYERS) :].split(".", 1)
+        if not 0 <= int(number) < num_layers:
+            raise ValueError(f"{canonical!r}: a model of {num_layers} layers has no layer {number}")
+        return int(number) + 1, local
+    if canonical.startswith(_TRANSFORMER + "final_layernorm."):
+        return final_layernorm_layer(num_layers), canonical[len(_TRANSFORMER) :]
+    return EMBEDDING_LAYER, canonical
+
+
+def canonical_name(index: int, local: str, num_layers: int) -> str:
+    """Inverse of ``pipeline_location``: the canonical name of parameter ``local`` of pipeline
+    layer ``index`` (the tied head's names are those of layer 0)."""
+    if 1 <= index <= num_layers:
+        return f"{_LAYERS}{index - 1}.{local}"
+    if index == final_layernorm_layer(num_layers):
+        return _TRANSFORMER + local
+    if index in (EMBEDDING_LAYER, head_layer(num_layers)):
+        return local
+    raise ValueError(f"a pipeline of {num_layers} transformer layers has no layer {index}")
+
+
+def module_canonical_name(module_name: str, num_layers: int) -> str:
+    """The canonical name of a ``PipelineModule`` parameter or state-dict entry: DeepSpeed
+    registers each layer under its index (``"3.attention.dense.weight"``) and the tied embedding,
+    on the first and on the last stage, under ``tied_modules.word_embeddings.``."""
+    if module_name.startswith(TIED_MODULE_PREFIX):
+        return canonical_name(EMBEDDING_LAYER, module_name[len(TIED_MODULE_PREFIX) :], num_layers)
+    index, _, local = module_name.partition(".")
+    # layer 0 and the head are tied modules; a numbered one of those indices is not ours
+    if index.isdigit() and 1 <= int(index) <= final_layernorm_layer(num_layers):
+        return canonical_name(int(index), local, num_layers)
+    raise ValueError(f"pipeline parameter {module_name!r} has no canonical name")
 
 
 class EmbeddingPipe(GLMEmbedding):
@@ -138,6 +197,7 @@ def build_pipeline_module(config: GLMConfig, groups: Any, loss_fn: Callable[...,
             tied_weight_attr=["word_embeddings.weight"],
         ),
     ]
+    assert len(specs) == head_layer(config.num_layers) + 1  # the indices of pipeline_location
     # no_grad: the constructor broadcasts the tied table in place; under autograd that in-place
     # collective on a parameter would be recorded (and warned about) in every backward pass.
     with torch.no_grad():

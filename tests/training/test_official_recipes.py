@@ -198,6 +198,7 @@ def test_megatron_command_line_trains(tmp_path: Path) -> None:
         "--save", str(tmp_path / "ckpt"), "--save-interval", "3",
         "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1",
         "--log-json", str(log), "--num-workers", "0", "--no-progress-bar",
+        "--no-layout-free-state",
     ]  # fmt: skip
     dry = run_tool("pretrain_glm.py", *megatron, "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
@@ -214,6 +215,8 @@ def test_megatron_command_line_trains(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["loss"] < records[0]["loss"]
     assert (tmp_path / "ckpt" / "latest").is_file()
+    saved = [p for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()]
+    assert saved and not any((p / "layout_free").exists() for p in saved)  # opted out
 
 
 def test_megatron_flag_contradicting_the_json_is_an_error(tmp_path: Path) -> None:
