@@ -31,7 +31,11 @@ import numpy as np
 
 from megatron_glm.config.data import TokenizerSpec
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
-from megatron_glm.data.tokenizers import is_valid_unicode, tokenizer_from_spec
+from megatron_glm.data.tokenizers import (
+    is_valid_unicode,
+    tokenizer_from_spec,
+    write_dataset_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +314,8 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessSummary:
 
     start = time.perf_counter()
     num_threads = max(1, available_cpus() // config.workers)
-    dtype = best_dtype(tokenizer_from_spec(config.tokenizer).vocab_size)
+    tokenizer = tokenizer_from_spec(config.tokenizer)
+    dtype = best_dtype(tokenizer.vocab_size)
     prefixes = {key: config.output_prefix_for(key) for key in config.json_keys}
     summary = PreprocessSummary(
         prefixes,
@@ -369,6 +374,8 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessSummary:
             raise PreprocessError(_no_documents_message(config, summary, empty))
         for builder in builders.values():
             builder.finalize()
+        for prefix in prefixes.values():
+            write_dataset_tokenizer(prefix, tokenizer, config.tokenizer)
     except BaseException:
         pool.terminate()
         for builder in builders.values():

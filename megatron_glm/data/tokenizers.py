@@ -24,6 +24,7 @@ downloaded: the files come from the user, or are the released GLM vocabularies b
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import logging
 import os
@@ -156,6 +157,17 @@ class GLMTokenizer(abc.ABC):
         """``[dBLOCK]`` when built with ``block_mask_token``, else None (blank infilling then
         uses ``[MASK]`` for block masking)."""
         return self._command_tokens.get("dblock")
+
+    def identity(self) -> dict[str, Any]:
+        """What the ids of a tokenized corpus depend on: the vocabulary (a digest of every token's
+        text), its size and the command-token ids; ``[dBLOCK]``, never in data, is left out. Two
+        tokenizers with the same identity give the same ids (``tools/preprocess_data.py`` records
+        it next to a dataset; the trainer compares)."""
+        texts = self._token_texts()
+        size = self.vocab_size - (self.dblock_id is not None)
+        digest = hashlib.sha256("\x00".join(texts[:size]).encode("utf-8", "surrogatepass"))
+        commands = {k: v for k, v in self.command_tokens.items() if k != "dblock"}
+        return {"vocab_size": size, "vocab_sha256": digest.hexdigest(), "command_tokens": commands}
 
     def __repr__(self) -> str:
         return f"{self.name}(vocab_size={self.vocab_size}, command_tokens={self._command_tokens})"
@@ -729,3 +741,50 @@ def build_tokenizer(
 # circular.
 # One builder per name the configuration accepts (the argparse choices come from the same tuple).
 assert tuple(TOKENIZER_BUILDERS) == TOKENIZER_TYPES, (tuple(TOKENIZER_BUILDERS), TOKENIZER_TYPES)
+
+
+# ---- which tokenizer a dataset was made with ---------------------------------------------------
+
+DATASET_TOKENIZER_SUFFIX = ".tokenizer.json"
+
+
+def write_dataset_tokenizer(prefix: str, tokenizer: GLMTokenizer, spec: TokenizerSpec) -> None:
+    """Record next to ``prefix.bin/.idx`` the tokenizer that made it (its flags and identity)."""
+    import json
+
+    record = {
+        "format": "megatron_glm.dataset_tokenizer",
+        "version": 1,
+        "flags": {k: v for k, v in dataclasses.asdict(spec).items() if v not in (None, False)},
+        **tokenizer.identity(),
+    }
+    path = prefix + DATASET_TOKENIZER_SUFFIX
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def dataset_tokenizer_problem(prefix: str, tokenizer: GLMTokenizer) -> str | None:
+    """Why the dataset at ``prefix`` does not fit ``tokenizer`` (its ids would mean other tokens),
+    from the record ``tools/preprocess_data.py`` wrote; None when it fits or there is no record
+    (datasets made elsewhere, e.g. by Megatron, carry none)."""
+    import json
+
+    path = prefix + DATASET_TOKENIZER_SUFFIX
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"{path} cannot be read ({err}); remove it to skip the tokenizer check"
+    ours = tokenizer.identity()
+    differs = [key for key in ours if record.get(key) != ours[key]]
+    if not differs:
+        return None
+    made_with = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in record.get("flags", {}).items())
+    return (
+        f"data prefix {prefix!r} was made with another tokenizer ({made_with or 'unknown flags'}; "
+        f"differs in {', '.join(differs)}): preprocess it again with this run's tokenizer flags, "
+        "or train with the ones it was made with"
+    )

@@ -307,6 +307,7 @@ def _check_data(
     """Data files, their token ids against the tokenizer, and the splits this run reads."""
     from megatron_glm.data.glm_dataset import check_splits
     from megatron_glm.data.indexed_dataset import IndexedDataset, best_dtype
+    from megatron_glm.data.tokenizers import dataset_tokenizer_problem
 
     if not data.data_path:
         problems.append("--data-path is required")
@@ -343,6 +344,10 @@ def _check_data(
                 f"tokenizer's {tokenizer_vocab} ids (expected "
                 f"{np.dtype(best_dtype(tokenizer_vocab))})"
             )
+            continue
+        mismatch = dataset_tokenizer_problem(prefix, tokenizer)
+        if mismatch is not None:
+            problems.append(mismatch)
             continue
         head = ds._tokens[:_TOKEN_CHECK_LIMIT]  # noqa: SLF001 - read-only view of the .bin
         if head.size and int(head.max()) >= tokenizer_vocab:

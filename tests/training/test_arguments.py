@@ -14,6 +14,7 @@ import pytest
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_glm.training import arguments
 from megatron_glm.training.arguments import ConfigError, parse_run_config
+from tests.tools.cli import preprocess_jsonl
 from tests.training.helpers import REPO, Corpus, tiny_model_args, write_ds_config
 
 
@@ -218,3 +219,31 @@ def test_json_config_is_read_as_json(tmp_path: Path, glm_corpus: Corpus) -> None
     lr_less = tmp_path / "nolr.json"
     lr_less.write_text(json.dumps({"train_batch_size": 4, "optimizer": {"type": "AdamW"}}))
     _one_problem_containing(_problems(_argv(glm_corpus, lr_less)), "no learning rate")
+
+
+def test_data_made_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    """tools/preprocess_data.py records the tokenizer's identity next to the dataset; a run with a
+    tokenizer that would read the ids as other tokens is refused, even when the ids fit."""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": f"Paragraph {i} of a small corpus."}) for i in range(40))
+    )
+    bert = [
+        "--tokenizer-type",
+        "BertWordPieceTokenizer",
+        "--tokenizer-model-type",
+        "bert-base-uncased",
+    ]
+    prefix = preprocess_jsonl(jsonl, tmp_path / "bert", bert)
+    record = json.loads(Path(prefix + ".tokenizer.json").read_text())
+    assert record["vocab_size"] == 30526 and record["command_tokens"]["cls"] == 101
+    ds = write_ds_config(tmp_path / "ds.json", train_batch=2, micro=2)
+    base = [*tiny_model_args(), "--data-path", prefix, "--train-iters", "2", "--split", "1,0,0"]
+    base += ["--deepspeed_config", str(ds)]
+    # the same vocabulary under its other name: accepted
+    parse_run_config([*base, "--tokenizer-type", "BertWordPieceLowerCase"], 1, cuda=False)
+    # GPT-2's ids are a superset of the range, but mean other tokens: refused
+    problems = _problems([*base, "--tokenizer-type", "GPT2BPETokenizer"])
+    _one_problem_containing(
+        problems, "was made with another tokenizer", "--tokenizer-type BertWordPieceTokenizer"
+    )
