@@ -71,9 +71,9 @@ from megatron_glm.training.checkpointing import (
     LATEST_FILE,
     LATEST_ITERATION_FILE,
     META_FILE,
-    _versions,
     find_latest_checkpoint,
     is_complete,
+    versions,
 )
 from megatron_glm.training.pipeline import (
     EMBEDDING_LAYER,
@@ -431,7 +431,7 @@ class DeepSpeedForm:
                     },
                 },
                 "tokenizer": checkpoint.tokenizer,
-                "versions": _versions(),
+                "versions": versions(),
             }
             write_json(tag_dir / META_FILE, meta)
             write_json(tag_dir / COMPLETE_MARKER, {"iteration": iteration, "world_size": tp * pp})

@@ -47,7 +47,7 @@ def rng_file_name(rank: int) -> str:
     return f"rng_state_rank{rank:05d}.pt"
 
 
-def _temp_file_for(path: Path) -> tuple[int, str]:
+def temp_file_for(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
@@ -55,9 +55,9 @@ def _temp_file_for(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old or the new content, never a mix."""
-    fd, tmp = _temp_file_for(path)
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -85,7 +85,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = _temp_file_for(path)
+    fd, tmp = temp_file_for(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -96,7 +96,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import deepspeed
 
     import megatron_glm
@@ -320,21 +320,21 @@ def save_checkpoint(
             "consumed_samples": consumed_samples,
             "world_size": world_size,
             "config": config,
-            "versions": _versions(),
+            "versions": versions(),
         }
-        _atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     if on_written is not None:
         on_written(iteration, tag_dir)
 
     _barrier()  # every rank's files are on disk
     if rank == 0:
         _fsync_dir(tag_dir)
-        _atomic_write_text(
+        atomic_write_text(
             tag_dir / COMPLETE_MARKER,
             json.dumps({"iteration": iteration, "world_size": world_size}) + "\n",
         )
-        _atomic_write_text(root / LATEST_FILE, tag)
-        _atomic_write_text(root / LATEST_ITERATION_FILE, tag)
+        atomic_write_text(root / LATEST_FILE, tag)
+        atomic_write_text(root / LATEST_ITERATION_FILE, tag)
         logger.info(
             "saved checkpoint %s (iteration %d, %d samples consumed)",
             tag_dir,

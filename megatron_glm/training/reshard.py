@@ -341,19 +341,20 @@ def _loss_scaler_state(engine: Any) -> dict[str, Any] | None:
     return {f: float(v) for f, v in values.items() if v is not None}  # None: a static scale
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; give the usual permissions
-    os.replace(tmp, path)
-
-
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _publish(tmp, path)
+    from megatron_glm.training.checkpointing import temp_file_for
+
+    fd, tmp = temp_file_for(path)  # a temp file with the usual permissions, in path's directory
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_layout_free_state(
@@ -432,9 +433,9 @@ def save_layout_free_state(
             "loss_scaler": _loss_scaler_state(engine),
             "model": config["model"],
         }
-        tmp = out_dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        _publish(tmp, out_dir / STATE_FILE)
+        from megatron_glm.training.checkpointing import atomic_write_text
+
+        atomic_write_text(out_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
     written = path.stat().st_size
     logger.debug(
         "layout-free state: %d tensors, %.1f MB in %.3f s",
