@@ -10,6 +10,8 @@ complete checkpoint under ``--load``)::
 
 The command line is validated before any process group exists: every problem is reported at
 once and the exit status is 2; ``--dry-run`` stops there and prints the resolved configuration.
+SIGTERM/SIGINT (to a launcher or a rank) stops the job after the current iteration with a save
+and status 0; docs/failure-semantics.md lists the other exit statuses.
 The official GLM recipes' and Megatron's flags are accepted (docs/compatibility.md);
 docs/training.md lists the flags.
 """
@@ -31,11 +33,9 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_glm.training.launch import (
-        discover_launch_env,
-        init_distributed,
-        shutdown_distributed,
-    )
+    """The exit status is one of ``megatron_glm.training.guards.ExitCode``
+    (docs/failure-semantics.md)."""
+    from megatron_glm.training.launch import discover_launch_env
 
     try:
         launch = discover_launch_env()
@@ -65,25 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if launch.rank == 0:
         logging.getLogger("pretrain_glm").info("configuration:\n%s", describe_run(run))
 
-    from megatron_glm.conversion import CheckpointError
-    from megatron_glm.training.checkpointing import LoadDirError
-    from megatron_glm.training.loop import pretrain
+    from megatron_glm.training.job import run_job
 
-    init_distributed(run.training.distributed_backend)
-    finished = False
-    try:
-        pretrain(run)
-        finished = True
-    except (CheckpointError, LoadDirError) as err:
-        # found on every rank while loading (rank 0 read the files and told the others): a user
-        # error like those of the command line, so the same exit status
-        if launch.rank == 0:
-            print(f"pretrain_glm.py: {err}", file=sys.stderr)
-        return 2
-    finally:
-        # A barrier before tearing down, but only after a clean finish (see shutdown_distributed).
-        shutdown_distributed(synchronize=finished)
-    return 0
+    return run_job(run, launch)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ class TrainingConfig:
     load_rng: bool = True  # False (--no-load-rng): resume without the saved RNG streams
     load_optim: bool = True  # False (--no-load-optim): resume without the optimizer state
     load_lr_scheduler: bool = True  # False (--no-load-lr-scheduler): the schedule restarts
+    # checkpoint verification on resume (docs/checkpoints.md#integrity): the newest older checkpoint
+    # that verifies instead of an error (--load-fallback); the SHA-256 digests (off: sizes only)
+    load_fallback: bool = False
+    verify_checkpoint_hashes: bool = True
     # torch.distributed backend; None: nccl with CUDA, else gloo
     distributed_backend: str | None = None
     # validation

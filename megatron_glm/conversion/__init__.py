@@ -23,8 +23,7 @@ A form module defines one ``Form`` object with:
   the final path and never stage themselves.
 
 Only tensors are read from foreign files (``files.load_torch_file``: ``torch.load(...,
-weights_only=True)``, and a restricted unpickler that runs nothing for DeepSpeed's extras;
-safetensors).
+weights_only=True)``, DeepSpeed's extras as inert stand-ins, so nothing runs; safetensors).
 """
 
 from __future__ import annotations

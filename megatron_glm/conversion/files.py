@@ -1,6 +1,7 @@
 """File handling every checkpoint form shares (docs/checkpoints.md#forms).
 
-- Reading: ``load_torch_file`` (a torch pickle, never running code from it), ``module_state``
+- Reading: ``weights_only_load`` and ``load_torch_file`` (a torch file, never running code from
+  it: ``weights_only``, foreign objects as inert stand-ins), ``module_state``
   (the model weights of a DeepSpeed-style ``.pt`` file), ``read_safetensors``, ``read_json_object``.
 - Writing: ``staged_directory`` (the one place an output directory is checked and created: built
   in a temporary sibling and renamed, so a failed write leaves nothing), ``own_storage``,
@@ -14,7 +15,6 @@ A problem with a file is a ``CheckpointError`` naming the file.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -22,9 +22,7 @@ import pickle
 import re
 import shutil
 import tempfile
-import types
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +76,59 @@ def parse_embedded(raw: Any, origin: str | Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading torch pickles without running them
+# Loading torch files without running them
+
+
+def weights_only_load(
+    file: str | Path, *, allowed: Sequence[Any] = (), map_location: Any = "cpu"
+) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors, containers, numbers and strings, and
+    the classes in ``allowed`` (a class, or an ``(object, "module.name")`` pair standing for that
+    name), nothing else; no function from the file is called. Any failure (missing, truncated,
+    not a torch file, a refused global) is a ``CheckpointError`` naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError([f"{file}: missing"]) from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"refused {found.group(1)}" if found else _first_line(err)
+        raise CheckpointError(
+            [f"{file}: holds pickled Python objects besides tensors, which are not loaded ({what})"]
+        ) from None
+    except Exception as err:  # torch raises RuntimeError/EOFError/MemoryError/... for damaged files
+        raise CheckpointError(
+            [f"{file}: cannot be read (truncated or not a torch file): {_first_line(err)}"]
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def unsafe_globals(file: str | Path, allowed: Sequence[Any] = ()) -> list[str] | None:
+    """The globals (``module.name``) the pickle of torch file ``file`` names beyond what
+    ``weights_only`` loads and ``allowed``, read off its opcodes without unpickling anything;
+    ``None`` for a file that is not a torch zip file (a legacy torch file or a bare pickle).
+    ``CheckpointError`` naming the file when it cannot be read."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(file)))
+    except FileNotFoundError:
+        raise CheckpointError([f"{file}: missing"]) from None
+    except ValueError:
+        return None  # not a zip file
+    except Exception as err:  # a damaged zip archive or pickle
+        raise CheckpointError(
+            [f"{file}: cannot be read (truncated or not a torch file): {_first_line(err)}"]
+        ) from None
 
 
 class _Refused:
-    """Inert stand-in for an object whose class the restricted unpickler does not import: it
-    records what the pickle asked for and runs nothing."""
+    """Inert stand-in for a class or function a foreign file names outside the tensor types: it
+    records what the file asked for and runs nothing."""
 
     qualname = "?"
 
@@ -96,80 +141,8 @@ class _Refused:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    # Containers rebuilt from a refused class (a defaultdict, a custom list) get their items here.
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value: Any) -> None:
-        self.__dict__.setdefault("values", []).append(value)
-
-    def extend(self, values: Any) -> None:
-        self.__dict__.setdefault("values", []).extend(values)
-
     def __repr__(self) -> str:
         return f"<not loaded: {self.qualname}>"
-
-
-def _tensor_globals() -> dict[tuple[str, str], Any]:
-    """What a pickled state dict of tensors needs (a subset of what ``weights_only`` allows)."""
-    allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): OrderedDict,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    }
-    for module, names in (
-        (
-            "torch._utils",
-            (
-                "_rebuild_tensor",
-                "_rebuild_tensor_v2",
-                "_rebuild_tensor_v3",
-                "_rebuild_parameter",
-                "_rebuild_parameter_with_state",
-            ),
-        ),
-        ("torch._tensor", ("_rebuild_from_type_v2",)),
-    ):
-        owner = torch._utils if module == "torch._utils" else torch._tensor
-        for name in names:
-            if hasattr(owner, name):
-                allowed[(module, name)] = getattr(owner, name)
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
-    return allowed
-
-
-def _quarantine_module(refused: set[str]) -> types.ModuleType:
-    """A ``pickle_module`` for ``torch.load`` whose unpickler imports only the tensor allow-list;
-    every other global becomes a ``_Refused`` subclass, and its name goes to ``refused``. torch
-    resolves its storage classes itself before asking this unpickler."""
-    allowed = _tensor_globals()
-    stand_ins: dict[str, type[_Refused]] = {}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if (module, name) in allowed:
-                return allowed[(module, name)]
-            qualname = f"{module}.{name}"
-            refused.add(qualname)
-            if qualname not in stand_ins:
-                stand_ins[qualname] = type("Refused", (_Refused,), {"qualname": qualname})
-            return stand_ins[qualname]
-
-    def load(file: Any, **kwargs: Any) -> Any:
-        return Unpickler(file, **kwargs).load()
-
-    def loads(data: bytes, **kwargs: Any) -> Any:
-        return Unpickler(io.BytesIO(data), **kwargs).load()
-
-    module = types.ModuleType("megatron_glm_restricted_pickle")
-    module.Unpickler = Unpickler  # type: ignore[attr-defined]
-    module.load = load  # type: ignore[attr-defined]
-    module.loads = loads  # type: ignore[attr-defined]
-    return module
 
 
 def _refused_inside(value: Any, depth: int = 0) -> list[str]:
@@ -185,44 +158,21 @@ def _refused_inside(value: Any, depth: int = 0) -> list[str]:
 
 
 def load_torch_file(file: Path, tensors_under: str | None = None) -> Any:
-    """Load a torch pickle on the CPU without running anything it contains.
+    """Load a foreign torch file on the CPU without running anything it contains.
 
-    ``weights_only=True`` first. When that refuses a Python object (an argparse ``Namespace``, a
-    numpy RNG state, a loss-scaler object in a DeepSpeed-saved file), the file is loaded again by
-    a restricted unpickler that puts an inert stand-in for every class outside the tensor
-    allow-list; a stand-in under ``tensors_under`` (``None``: anywhere) is a ``CheckpointError``
-    naming the file, one elsewhere is skipped with a warning. A missing, unreadable or truncated
-    file is a ``CheckpointError`` naming the file.
+    The globals its pickle names are read off the opcodes first (nothing is unpickled); each one
+    outside the tensor types becomes an inert stand-in (``_Refused``) registered under that name,
+    and the file is then read with ``weights_only=True``. So an argparse ``Namespace``, a numpy
+    RNG state or a loss-scaler object in a DeepSpeed-saved file cost nothing, and a payload (a
+    pickled call of ``open``, ``subprocess.run`` ...) becomes a stand-in instead of a call. A
+    stand-in under ``tensors_under`` (``None``: anywhere) is a ``CheckpointError`` naming the
+    file, one elsewhere is skipped with a warning. ``os``/``sys`` globals are refused outright,
+    as is any object of a legacy (pre-zip) file. A missing, unreadable or truncated file is a
+    ``CheckpointError`` naming the file.
     """
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError([f"{file}: missing"]) from None
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        refusal = f"refused {found.group(1)}" if found else type(err).__name__
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged files
-        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        raise CheckpointError(
-            [
-                f"{file}: cannot be read (truncated or not a torch file): {type(err).__name__}: {text}"
-            ]
-        ) from err
-    refused: set[str] = set()
-    try:
-        obj = torch.load(
-            file, map_location="cpu", weights_only=False, pickle_module=_quarantine_module(refused)
-        )
-    except Exception as err:
-        raise CheckpointError(
-            [
-                f"{file}: holds pickled Python objects besides tensors, which are not loaded "
-                f"(weights_only: {refusal}), and loading only the tensors failed "
-                f"({type(err).__name__}: {err}). Re-save only the weights with the code that wrote "
-                "it, e.g. torch.save({'module': torch.load(f)['module']}, f) in a trusted "
-                "environment"
-            ]
-        ) from err
+    names = unsafe_globals(file) or []
+    stand_ins = [(type("Refused", (_Refused,), {"qualname": name}), name) for name in names]
+    obj = weights_only_load(file, allowed=stand_ins)
     inside = obj.get(tensors_under) if tensors_under and isinstance(obj, Mapping) else obj
     bad = sorted(set(_refused_inside(inside)))
     if bad:
@@ -234,12 +184,12 @@ def load_torch_file(file: Path, tensors_under: str | None = None) -> Any:
                 "files are read: re-save the weights alone from a trusted environment"
             ]
         )
-    if refused:
+    if names:
         logger.warning(
             "%s: skipped pickled Python object(s) outside %r without loading them: %s",
             file,
             tensors_under,
-            ", ".join(sorted(refused)[:8]),
+            ", ".join(names[:8]),
         )
     return obj
 

@@ -15,7 +15,9 @@ the ``.bin`` (one token per document), not taken from a flag.
 
 The per-epoch index (document order, sample starts as (unit, offset), sample shuffle) and the
 per-document ``[eos]`` flags are built once with numpy and cached as ``.npy`` files next to the
-data, named by a hash of what determines them.
+data, named by a hash of what determines them. A ``*_sha256.json`` record written after them holds
+their sizes and SHA-256 digests (megatron_glm.integrity); a cache whose files do not match their
+record, lack one, or have other shapes is rebuilt (with a warning naming the file), never used.
 
 Only the splits a run uses are built (``build_glm_datasets(..., splits=...)``); ``check_splits``
 tells, from the ``.idx`` files alone, whether those splits can each give one raw sample.
@@ -36,6 +38,7 @@ import numpy as np
 
 from megatron_glm.config.data import DataConfig
 from megatron_glm.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
+from megatron_glm.integrity import record_files, record_problems
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 # 2: a stored trailing [eos] is no longer doubled; a split of exactly n tokens gives one sample.
 _INDEX_FORMAT = 2
 SPLIT_NAMES = ("train", "valid", "test")
+_INDEX_PARTS = ("docs", "samples", "shuffle")
 
 
 def split_document_ranges(
@@ -244,19 +248,61 @@ def check_splits(
     return problems
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see a partial
-    file, and concurrent writers (ranks, workers) of identical content are harmless."""
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` to a temporary file in the same directory, then rename:
+    readers never see a partial file, and concurrent writers (ranks, workers) of identical
+    content are harmless."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_cache(paths: dict[str, str], arrays: dict[str, np.ndarray], record: str) -> None:
+    """Cache ``arrays[part]`` at ``paths[part]``, then their sizes and digests at ``record``."""
+    for part, array in arrays.items():
+        _atomic_write(paths[part], lambda f, a=array: np.save(f, a, allow_pickle=False))
+    directory = os.path.dirname(record)
+    files = record_files(directory, [os.path.basename(p) for p in paths.values()])
+    text = json.dumps({"format": _INDEX_FORMAT, "files": files}, indent=1, sort_keys=True)
+    _atomic_write(record, lambda f: f.write(text.encode()))
+
+
+def _read_cache(
+    paths: dict[str, str], record: str, shapes: dict[str, tuple[tuple[int, ...], Any]]
+) -> dict[str, np.ndarray] | None:
+    """The arrays cached at ``paths``, memory-mapped, when ``record`` vouches for every file (size
+    and SHA-256) and each has the (shape, dtype) of ``shapes``; ``None`` when nothing is cached,
+    and ``None`` with a warning naming the file when something is but does not check out."""
+    if not os.path.isfile(record) and not any(os.path.exists(p) for p in paths.values()):
+        return None
+    directory = os.path.dirname(record)
+    names = {os.path.basename(p) for p in paths.values()}
+    try:
+        with open(record, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        if not isinstance(files, dict) or set(files) != names:
+            raise ValueError(f"it records {sorted(files)}, not {sorted(names)}")
+        problems = record_problems(directory, files)
+        if problems:
+            raise ValueError("; ".join(problems))
+        arrays = {part: np.load(p, allow_pickle=False, mmap_mode="r") for part, p in paths.items()}
+        for part, (shape, dtype) in shapes.items():
+            if arrays[part].shape != shape or arrays[part].dtype != dtype:
+                raise ValueError(
+                    f"{paths[part]} holds {arrays[part].dtype} {arrays[part].shape}, not "
+                    f"{np.dtype(dtype)} {shape}"
+                )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("rebuilding the cached index %s: %s", record, err)
+        return None
+    return arrays
 
 
 def _digest(key: dict[str, Any]) -> str:
@@ -347,17 +393,13 @@ class GLMDataset:
             "eos_id": self.eos_id,
             "stored_lengths_sha": hashlib.sha256(stored.astype(np.int64).tobytes()).hexdigest(),
         }
-        path = os.path.join(
-            self.cache_dir, f"{os.path.basename(self.prefix)}_glm_{_digest(key)}_eos.npy"
+        stem = os.path.join(
+            self.cache_dir, f"{os.path.basename(self.prefix)}_glm_{_digest(key)}_eos"
         )
-        if os.path.isfile(path):
-            try:
-                flags = np.load(path, allow_pickle=False)
-                if flags.dtype == np.bool_ and flags.shape == stored.shape:
-                    return flags
-                logger.warning("ignoring %s: it does not match the documents", path)
-            except (OSError, ValueError) as err:
-                logger.warning("ignoring unreadable [eos] flags %s: %s", path, err)
+        paths, record = {"eos": f"{stem}.npy"}, f"{stem}_sha256.json"
+        cached = _read_cache(paths, record, {"eos": (stored.shape, np.bool_)})
+        if cached is not None:
+            return np.asarray(cached["eos"])
         flags = stored_eos_flags(self._indexed, lo, hi, self.eos_id)
         logger.info(
             "%s (%s): %d of %d documents store a trailing [eos], packed without a second one",
@@ -368,7 +410,7 @@ class GLMDataset:
         )
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
-            _save_atomic(path, flags)
+            _write_cache(paths, {"eos": flags}, record)
         except OSError as err:
             logger.warning("could not cache the [eos] flags in %s (%s)", self.cache_dir, err)
         return flags
@@ -376,10 +418,13 @@ class GLMDataset:
     # -- the per-epoch index ------------------------------------------------------------------
 
     def cache_paths(self, epoch: int) -> dict[str, str]:
+        """The cached index files of ``epoch`` (``docs``, ``samples``, ``shuffle``) and their
+        ``record`` of sizes and digests."""
         stem = os.path.join(
             self.cache_dir, f"{os.path.basename(self.prefix)}_glm_{self.cache_key}_e{epoch}"
         )
-        return {part: f"{stem}_{part}.npy" for part in ("docs", "samples", "shuffle")}
+        paths = {part: f"{stem}_{part}.npy" for part in _INDEX_PARTS}
+        return {**paths, "record": f"{stem}_sha256.json"}
 
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self._salt, epoch])
@@ -400,29 +445,29 @@ class GLMDataset:
         if epoch in self._epochs:
             return self._epochs[epoch]
         paths = self.cache_paths(epoch)
-        arrays = None
-        if all(os.path.isfile(p) for p in paths.values()):
-            try:
-                arrays = tuple(
-                    np.load(paths[p], allow_pickle=False, mmap_mode="r")
-                    for p in ("docs", "samples", "shuffle")
-                )
-            except (OSError, ValueError) as err:
-                logger.warning("ignoring unreadable sample index %s: %s", paths["docs"], err)
-        if arrays is None:
+        record = paths.pop("record")
+        spe = self.samples_per_epoch
+        shapes = {
+            "docs": ((self._doc_lengths.size,), np.int64),
+            "samples": ((spe, 2), np.int64),
+            "shuffle": ((spe,), np.int64),
+        }
+        cached = _read_cache(paths, record, shapes)
+        if cached is not None:
+            arrays = tuple(cached[part] for part in _INDEX_PARTS)
+        else:
             arrays = self._build_epoch(epoch)
             self.built_epochs.append(epoch)
             try:
                 os.makedirs(self.cache_dir, exist_ok=True)
-                for part, array in zip(("docs", "samples", "shuffle"), arrays):
-                    _save_atomic(paths[part], array)
+                _write_cache(paths, dict(zip(_INDEX_PARTS, arrays)), record)
                 logger.debug(
                     "built sample index of %s (%s, epoch %d): %d samples, cached as %s",
                     self.prefix,
                     self.name,
                     epoch,
-                    self.samples_per_epoch,
-                    paths["docs"],
+                    spe,
+                    record,
                 )
             except OSError as err:
                 logger.warning(

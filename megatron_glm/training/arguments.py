@@ -36,6 +36,7 @@ from megatron_glm.training.compat import (
     train_iters_from_samples,
 )
 from megatron_glm.training.ds_config import ResolvedDSConfig, load_ds_json, resolve_ds_config
+from megatron_glm.training.guards import LOSS_SPIKE_ACTIONS, FailureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class RunConfig:
     data: DataConfig
     ds: ResolvedDSConfig
     world_size: int
+    failure: FailureConfig = dataclasses.field(default_factory=FailureConfig)
     dialect: str = "ours"  # whose defaults filled the flags left out (training/compat.py)
     notes: list[str] = dataclasses.field(default_factory=list)  # printed once at start-up
 
@@ -190,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep-last-k", type=int, default=None, help="delete older checkpoints")
     g.add_argument(
+        "--load-fallback",
+        action="store_true",
+        help="when the newest checkpoint under --load fails verification (a damaged or missing "
+        "file), resume the newest older one that verifies instead of stopping (logged)",
+    )
+    g.add_argument(
+        "--no-verify-checkpoint-hashes",
+        action="store_true",
+        help="resume without checking the SHA-256 of every checkpoint file against its manifest "
+        "(sizes and everything else are still checked): for checkpoints too large to read twice",
+    )
+    g.add_argument(
         "--no-load-rng",
         action="store_true",
         help="resume without restoring the RNG streams (the run will not repeat bit "
@@ -227,12 +241,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: check the layout for this many processes (default: the launcher's)",
     )
 
+    _add_failure_args(p)
     add_data_args(p)  # --data-path --split --seq-length --seed --tokenizer-* and the GLM knobs
     add_compat_args(p)  # the official GLM's and Megatron's flags
     import deepspeed  # deferred: importing deepspeed is slow and only the parser needs it here
 
     deepspeed.add_config_arguments(p)
     return p
+
+
+def _add_failure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("failures (docs/failure-semantics.md)")
+    defaults = FailureConfig()
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=defaults.max_skipped_steps,
+        help="fp16: stop (exit status 3) after more than this many consecutive updates skipped "
+        "for overflow",
+    )
+    g.add_argument(
+        "--loss-spike-factor",
+        type=float,
+        default=None,
+        help="flag a loss above this multiple of the mean of the last --loss-spike-window "
+        "losses (default: off)",
+    )
+    g.add_argument("--loss-spike-window", type=int, default=defaults.loss_spike_window)
+    g.add_argument(
+        "--loss-spike-action",
+        choices=LOSS_SPIKE_ACTIONS,
+        default=defaults.loss_spike_action,
+        help="warn: log it; stop: exit with status 3 without saving that iteration",
+    )
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=defaults.distributed_timeout_minutes,
+        help="a collective that waits longer for a peer fails (exit status 5), naming the "
+        "ranks that were behind",
+    )
+
+
+def _failure_config(args: argparse.Namespace, problems: list[str]) -> FailureConfig:
+    failure = FailureConfig(
+        max_skipped_steps=args.max_skipped_steps,
+        loss_spike_factor=args.loss_spike_factor,
+        loss_spike_window=args.loss_spike_window,
+        loss_spike_action=args.loss_spike_action,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
+    )
+    problems.extend(failure.problems())
+    return failure
 
 
 def _model_config(
@@ -471,6 +531,8 @@ def _training_config(
         save_layout_free=not args.no_layout_free_state,
         load_optim=not args.no_load_optim,
         load_lr_scheduler=not args.no_load_lr_scheduler,
+        load_fallback=args.load_fallback,
+        verify_checkpoint_hashes=not args.no_verify_checkpoint_hashes,
         progress_bar=not args.no_progress_bar,
     )
     # problems() without raising, so they join the others in one message
@@ -528,6 +590,7 @@ def build_run_config(
                 f"seq-length {data.seq_length} is larger than "
                 f"max-position-embeddings {model.max_sequence_length}"
             )
+    failure = _failure_config(args, problems)
     validation = training is not None and bool(training.eval_interval)
     if data is not None and check_data:
         _check_data(data, tokenizer, ("train", "valid") if validation else ("train",), problems)
@@ -542,21 +605,27 @@ def build_run_config(
         data=data,
         ds=ds,
         world_size=world_size,
+        failure=failure,
         dialect=compat.dialect,
         notes=compat.notes,
     )
 
 
 def own_outputs(training: TrainingConfig) -> tuple[str, ...]:
-    """Files this run writes that may sit in its --load directory before its first checkpoint."""
-    return tuple(p for p in (training.log_json, training.tensorboard_dir) if p)
+    """Files this run writes that may sit in its --load directory before its first checkpoint
+    (the --save lock of a job that died is one)."""
+    from megatron_glm.training.run_lock import LOCK_FILE
+
+    lock = os.path.join(training.save, LOCK_FILE) if training.save else None
+    return tuple(p for p in (training.log_json, training.tensorboard_dir, lock) if p)
 
 
 def _check_checkpoints(
     training: TrainingConfig, model: GLMConfig | None, problems: list[str]
 ) -> None:
-    """--load must hold a complete checkpoint of ours or nothing; --load-pretrained must hold
-    weights of this run's architecture (read from the checkpoint's config, not its tensors).
+    """--load must hold a complete checkpoint of ours (of this model, verified but for the
+    digests) or nothing; --load-pretrained must hold weights of this run's architecture (read
+    from the checkpoint's config, not its tensors).
     A checkpoint to resume takes precedence: --load-pretrained is then not looked at, so a
     relaunch resumes even when the pretrained weights have moved since."""
     from megatron_glm.training.checkpointing import (
@@ -567,8 +636,14 @@ def _check_checkpoints(
 
     resume = None
     if training.load:
-        try:
-            resume = checkpoint_to_resume(training.load, ignore=own_outputs(training))
+        try:  # every rank checks: sizes, not digests (rank 0 reads those when the run starts)
+            resume = checkpoint_to_resume(
+                training.load,
+                ignore=own_outputs(training),
+                model=model,
+                hashes=False,
+                fallback=training.load_fallback,
+            )
         except LoadDirError as err:
             problems.append(str(err))
             return

@@ -24,10 +24,15 @@ the gradient norm itself there (the unfused optimizer reports it still multiplie
 The same wrappers serve bf16 at ZeRO 0 without a pipeline (loss scale 1); in both precisions the
 trainer measures the gradient norm, hands it to the unfused optimizer to clip by, and undoes the
 zero-gradient Adam step with which those optimizers prime their state.
+
+The run's ``StepGuard`` (training/guards.py) sees every training loss and is consulted inside the
+optimizer step, before the update: a non-finite value on any rank, or a stop request, is agreed
+there by all ranks, and a vetoed update leaves the parameters untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -44,6 +49,7 @@ from megatron_glm.data.blank_infilling import OBJECTIVES
 from megatron_glm.model import GLMModel, glm_loss, param_groups_for_weight_decay
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training.arguments import RunConfig
+from megatron_glm.training.guards import StepGuard
 from megatron_glm.training.lr_schedule import GLMLRScheduler
 from megatron_glm.training.pipeline import (
     PipelineLoss,
@@ -216,10 +222,15 @@ def load_pretrained_weights(
 class Trainer:
     """One engine and what an iteration does with it; every rank builds one."""
 
-    def __init__(self, run: RunConfig, groups: Any, pretrained: str | None = None) -> None:
-        """``pretrained``: a checkpoint (any form) whose weights the model starts from."""
+    def __init__(
+        self, run: RunConfig, groups: Any, guard: StepGuard, pretrained: str | None = None
+    ) -> None:
+        """``guard``: sees every training loss and decides, with the other ranks, whether each
+        update happens (training/guards.py); ``pretrained``: a checkpoint (any form) whose
+        weights the model starts from."""
         self.run = run
         self.groups = groups
+        self.guard = guard
         self.device = _device()
         self.pipelined = groups.pp_size > 1
         self.tp_group = groups.tp_group if groups.tp_size > 1 else None
@@ -282,6 +293,7 @@ class Trainer:
         self.fp16_stage0 = run.ds.precision == "fp16" and stage0_wrapper
         if self.fp16_stage0 and self.pipelined:
             self._install_pipeline_loss_scale_hook()
+        self._install_guard()
         if groups.rank == 0:
             basic, wrapper = self.engine.basic_optimizer, self.engine.optimizer
             logger.info(
@@ -326,6 +338,30 @@ class Trainer:
         optimizer = self.engine.optimizer
         if self.run.ds.zero_stage == 0 and hasattr(optimizer, "refresh_fp32_params"):
             optimizer.refresh_fp32_params()
+
+    def _install_guard(self) -> None:
+        """The guard's agreement runs inside the optimizer step, outermost (after every wrapper
+        above): each engine calls ``optimizer.step`` once per iteration at the accumulation
+        boundary (the pipeline engine too, on every stage), after the gradients were reduced.
+        Pipeline: the training losses are computed in the ``PipelineModule``'s ``loss_fn``."""
+        optimizer = self.engine.optimizer
+        inner_step = optimizer.step
+
+        @functools.wraps(inner_step)  # keeps the marks torch's LR scheduler put on it
+        def step(*args: Any, **kwargs: Any) -> Any:
+            grads = (p.grad for p in self.engine.module.parameters())
+            return inner_step(*args, **kwargs) if self.guard.allow_update(grads) else None
+
+        optimizer.step = step
+        if self.pipelined:
+            module = self.engine.module
+            loss_fn = module.loss_fn
+
+            def observed_loss_fn(*args: Any) -> torch.Tensor:
+                loss = loss_fn(*args)
+                return self.guard.observe_loss(loss) if loss.requires_grad else loss
+
+            module.loss_fn = observed_loss_fn
 
     # ---- gradient norm ------------------------------------------------------------------------
     def _install_grad_norm_probe(self) -> None:
@@ -523,6 +559,7 @@ class Trainer:
                     self.tp_group,
                     norm.to(self.device).reshape(()),
                 )
+                loss = self.guard.observe_loss(loss)
                 if self.fp16_stage0:
                     loss.register_hook(self._loss_scale_hook)
                 self.engine.backward(loss)
@@ -535,7 +572,7 @@ class Trainer:
                 total /= self.groups.dp_size
             loss_value = float(total)
         skipped = self.engine.skipped_steps
-        applied = skipped == skipped_before
+        applied = skipped == skipped_before and not self.guard.vetoed
         return StepStats(
             loss=loss_value,
             lr=lr,

@@ -14,6 +14,10 @@ Supported launchers (docs/launching.md has the command lines):
 
 The discovered values are written back as ``RANK``/``WORLD_SIZE``/... so DeepSpeed, which reads the
 same variables, agrees with us and does not run its own MPI discovery.
+
+Every collective gives up after the process group's timeout (``--distributed-timeout-minutes``);
+``ProgressBoard`` notes in the group's store the iteration each rank started, so a rank whose
+collective timed out can name the ranks that were behind.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import torch.distributed as dist
 __all__ = [
     "DEFAULT_MASTER_PORT",
     "LaunchEnv",
+    "ProgressBoard",
     "default_backend",
     "discover_launch_env",
     "export_launch_env",
     "init_distributed",
+    "is_collective_timeout",
     "shutdown_distributed",
 ]
 
@@ -199,6 +205,22 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _torchrun_attempt_store(
+    launch: LaunchEnv, timeout: timedelta, environ: Mapping[str, str]
+) -> dist.Store | None:
+    """Under torchrun, its agent's store with one key space per restart of the job; None
+    elsewhere. The agent keeps its store across ``--max-restarts`` restarts, with the keys of the
+    attempt that died, and gloo read a dead rank's address from them: a restarted job failed with
+    "Gloo connectFullMesh failed ... Connection refused"."""
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        launch.master_addr, launch.master_port, launch.world_size, False, timeout=timeout
+    )
+    return dist.PrefixStore(f"megatron_glm/attempt_{attempt}", store)
+
+
 def init_distributed(
     backend: str | None = None,
     timeout_s: float = 1800.0,
@@ -226,10 +248,24 @@ def init_distributed(
         return launch
 
     timeout = timedelta(seconds=timeout_s)
+    # Groups made later with new_group (ours in parallel/topology.py, DeepSpeed's pipeline groups)
+    # get torch's 30-minute default, not this group's timeout: measured, a DP all-reduce waited
+    # 25 s past a 15 s timeout. torch reads these module defaults whenever it makes a group.
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    restart_store = _torchrun_attempt_store(launch, timeout, environ)
     if launch.world_size == 1 and launch.launcher == "single":
         # No launcher: an in-memory store, so a plain `python pretrain_glm.py` needs no free port.
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    elif restart_store is not None:
+        dist.init_process_group(
+            backend,
+            store=restart_store,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
         )
     else:
         host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr
@@ -274,3 +310,51 @@ def shutdown_distributed(*, synchronize: bool = True, timeout_s: float = 300.0) 
         except RuntimeError as err:
             logger.warning("ranks did not all reach the final barrier: %s", err)
     dist.destroy_process_group()
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A collective gave up waiting for a peer: gloo raises ``RuntimeError("... Timed out waiting
+    Nms for recv operation to complete")`` once the process-group timeout has passed."""
+    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
+class ProgressBoard:
+    """The last iteration each rank reached, kept in the store the default process group was
+    made with, so that after a collective timeout the waiting ranks can name the one behind."""
+
+    _PREFIX = "megatron_glm/progress/"
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int) -> None:
+        self.store, self.rank, self.world_size = store, rank, world_size
+
+    @classmethod
+    def of_default_group(cls) -> ProgressBoard:
+        # torch has no public accessor for the default group's store
+        store = dist.distributed_c10d._get_default_store()  # noqa: SLF001
+        return cls(store, dist.get_rank(), dist.get_world_size())
+
+    def record(self, iteration: int) -> None:
+        self.store.set(f"{self._PREFIX}{self.rank}", str(iteration))
+
+    def describe(self) -> str:
+        """Which ranks are behind the others (read without waiting for a rank that never wrote)."""
+        reached: dict[int, int | None] = {}
+        for rank in range(self.world_size):
+            key = f"{self._PREFIX}{rank}"
+            try:
+                reached[rank] = int(self.store.get(key)) if self.store.check([key]) else None
+            except RuntimeError:  # the store's host (rank 0 or the launcher) is gone too
+                return "the job's store is unreachable, so the ranks' progress is unknown"
+        known = [it for it in reached.values() if it is not None]
+        if not known:
+            return "no rank has started an iteration"
+        front = max(known)
+        behind = {r: it for r, it in reached.items() if it is None or it < front}
+        if not behind:
+            return (
+                f"every rank started iteration {front}: the rank that did not answer is stuck "
+                "inside it (a kernel, the data loader, or a collective the others never joined)"
+            )
+        return f"rank(s) behind iteration {front}: " + ", ".join(
+            f"rank {r} (last started {'none' if it is None else it})" for r, it in behind.items()
+        )

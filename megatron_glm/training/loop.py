@@ -4,7 +4,10 @@
 started. It resumes from the newest complete checkpoint under ``--load``; without one it starts
 from the ``--load-pretrained`` weights (fresh optimizer, schedule and data position) or from the
 initialisation (logged). It trains until ``--train-iters`` or the next multiple of
-``--exit-interval``, and saves on ``--save-interval`` and when it stops. Exact resume:
+``--exit-interval``, and saves on ``--save-interval`` and when it stops, also when asked to stop
+(SIGTERM/SIGINT, a dead launcher: all ranks agree, finish the iteration, save; training/guards.py);
+a broken iteration (non-finite values, ...) raises ``TrainingBroken`` before anything is saved for
+it. Exact resume:
 model/optimizer/scheduler state (DeepSpeed), the consumed-sample count (the data order is a pure
 function of the sample index) and every rank's RNG streams, restored right before the first
 iteration, so a resumed run repeats the uninterrupted one bit for bit.
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,15 +39,20 @@ from megatron_glm.training.checkpointing import (
     LoadDirError,
     checkpoint_to_resume,
     load_checkpoint,
+    protect_checkpoint,
     save_checkpoint,
 )
 from megatron_glm.training.engine import StepStats, Trainer
+from megatron_glm.training.faults import fault_point
+from megatron_glm.training.guards import StepGuard
+from megatron_glm.training.launch import ProgressBoard
 from megatron_glm.training.metrics import (
     TrainLogger,
     device_peak_tflops,
     flops_per_token,
     memory_gib,
 )
+from megatron_glm.training.stop_signals import catch_stop_signals, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +78,6 @@ class TrainingHooks:
     def _run_save_hooks(self, iteration: int, tag_dir: Path) -> None:
         for hook in self.on_save:
             hook(iteration, tag_dir)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf outside fp16 (where loss scaling would skip the step instead)."""
 
 
 def _data(run: RunConfig, groups: Any) -> tuple[Any, Any, Any]:
@@ -135,7 +138,13 @@ def _agree_on_start(run: RunConfig, rank: int) -> StartPoint:
     decision: list[Any] = [None]
     if rank == 0:
         try:
-            ref = checkpoint_to_resume(t.load, ignore=own_outputs(t)) if t.load else None
+            ref = checkpoint_to_resume(
+                t.load,
+                ignore=own_outputs(t),
+                model=run.model,
+                hashes=t.verify_checkpoint_hashes,
+                fallback=t.load_fallback,
+            )
             decision = [StartPoint(ref, None if ref is not None else t.load_pretrained)]
         except LoadDirError as err:  # the directory changed since the command line was checked
             decision = [str(err)]
@@ -170,7 +179,8 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     groups = topology.build_groups(rank)
     train_ds, valid_ds, collator = _data(run, groups)
     start = _agree_on_start(run, rank)
-    trainer = Trainer(run, groups, pretrained=start.pretrained)
+    guard = StepGuard(run.failure, ds.precision, stop_requested, ProgressBoard.of_default_group())
+    trainer = Trainer(run, groups, guard, pretrained=start.pretrained)
 
     iteration, consumed, rng_states = 0, 0, None
     ref = start.resume
@@ -196,6 +206,9 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
             )
 
     stop = t.stop_iteration(iteration)
+    # From here on SIGTERM/SIGINT are stop requests. Data-loader workers, forked next, inherit
+    # that: torchrun and DeepSpeed's launcher signal them too, and they must outlive the save.
+    restore_signals = catch_stop_signals()
     train_iter = _loader(run, groups, train_ds, collator, consumed, run.data.num_workers)
     log = TrainLogger(
         rank=rank,
@@ -234,16 +247,17 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     window_start, window_iters = time.perf_counter(), 0
     try:
         while iteration < stop:
+            guard.begin(iteration + 1)
             micro_batches = [next(train_iter) for _ in range(ds.gradient_accumulation_steps)]
             stats = trainer.train_step(micro_batches)
             iteration += 1
             consumed += ds.train_batch_size
             window_iters += 1
             log.advance(stats.loss)
+            broken = guard.verdict(stats.loss, stats.grad_norm, stats.applied, stats.loss_scale)
             for hook in hooks.on_step_end:
                 hook(iteration, stats)
-            fatal = not math.isfinite(stats.loss) and ds.precision != "fp16"
-            if iteration % t.log_interval == 0 or iteration == stop or fatal:
+            if iteration % t.log_interval == 0 or iteration == stop or broken:
                 elapsed = time.perf_counter() - window_start
                 per_iter = elapsed / window_iters
                 tflops = flops_per_iter / per_iter / run.world_size / 1e12
@@ -264,11 +278,10 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
                     }
                 )
                 window_start, window_iters = time.perf_counter(), 0
-            if fatal:
-                raise NonFiniteLossError(
-                    f"loss is {stats.loss} at iteration {iteration} ({ds.precision}); nothing "
-                    "was saved for it, the last complete checkpoint is untouched"
-                )
+            if broken:
+                if t.save and rank == 0:  # later runs' --keep-last-k must not delete it
+                    protect_checkpoint(t.save, str(broken))
+                raise broken
             if t.eval_interval and iteration % t.eval_interval == 0 and valid_ds is not None:
                 _validate(run, groups, trainer, valid_ds, collator, log, iteration)
                 window_start, window_iters = time.perf_counter(), 0
@@ -276,9 +289,19 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
                 save(iteration)
                 last_saved = iteration
                 window_start, window_iters = time.perf_counter(), 0
+            fault_point("step.end", rank=rank, iteration=iteration)
+            if guard.stop_agreed:
+                break
+        if guard.stop_agreed and rank == 0:
+            logger.warning(
+                "stop requested: %s at iteration %d",
+                "saving" if t.save else "nothing to save (no --save)",
+                iteration,
+            )
         if t.save and last_saved != iteration:
             save(iteration)
     finally:
+        restore_signals()
         log.close()
     if rank == 0:
         logger.info("stopped at iteration %d of %d", iteration, t.train_iters)

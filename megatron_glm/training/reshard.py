@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from megatron_glm.config import GLMConfig
 from megatron_glm.conversion.canonical import CheckpointError, Partition, partition_of
+from megatron_glm.conversion.files import read_json_object
 from megatron_glm.parallel.utils import gather_tensor_shards, shard_tensor
 from megatron_glm.training.pipeline import module_canonical_name
 
@@ -95,12 +96,12 @@ def engine_layout(engine: Any, tensor: int, pipeline: int) -> Layout | None:
 
 
 def read_state(tag_dir: Path) -> dict[str, Any] | None:
-    """The layout-free state's JSON, ``None`` when the checkpoint has none."""
+    """The layout-free state's JSON, ``None`` when the checkpoint has none; ``CheckpointError``
+    naming the file when it is not a JSON object."""
     path = Path(tag_dir) / LAYOUT_FREE_DIR / STATE_FILE
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_object(path)
 
 
 def saved_layout(state: dict[str, Any]) -> Layout:
@@ -652,14 +653,16 @@ def load_layout_free_state(
 
     if dist.get_rank() == 0:
         logger.info(
-            "resumed %s (saved at %s) on %s in %.2f s: weights%s, LR schedule %s; dropout "
-            "streams reseeded for the new ranks",
+            "resumed %s (saved at %s) on %s in %.2f s: weights%s, LR schedule %s; %s",
             tag_dir,
             saved.describe(),
             current.describe(),
             time.perf_counter() - start,
             " and optimizer state" if load_optimizer else " only (fresh optimizer)",
             "restored" if load_lr_scheduler else "fresh",
+            "dropout streams reseeded for the new ranks"
+            if saved != current
+            else "the same ranks: their saved dropout streams continue",
         )
     return ReshardedState(
         int(state["iteration"]),

@@ -214,9 +214,10 @@ def test_cache_is_reused_and_keyed_by_parameters(tmp_path, monkeypatch):
     first = GLMDataset(prefix, (0, 40), 48, seed=9, cls_id=CLS, eos_id=EOS, cache_dir=cache)
     assert first.built_epochs == [0]
     files = sorted(os.listdir(cache))
-    # docs/samples/shuffle of epoch 0 and the per-document [eos] flags
-    assert len(files) == 4 and all(f.endswith(".npy") for f in files)
+    # docs/samples/shuffle of epoch 0 and the per-document [eos] flags, each set with its record
+    assert len(files) == 6 and sum(f.endswith(".npy") for f in files) == 4
     assert sum(f.endswith("_eos.npy") for f in files) == 1
+    assert sum(f.endswith("_sha256.json") for f in files) == 2
     mtimes = [os.path.getmtime(os.path.join(cache, f)) for f in files]
     second = GLMDataset(prefix, (0, 40), 48, seed=9, cls_id=CLS, eos_id=EOS, cache_dir=cache)
     assert second.built_epochs == [], "second build loads the cached index"
@@ -231,7 +232,8 @@ def test_cache_is_reused_and_keyed_by_parameters(tmp_path, monkeypatch):
     old = GLMDataset(prefix, (0, 40), 48, seed=9, cls_id=CLS, eos_id=EOS, cache_dir=cache)
     assert old.cache_key != first.cache_key and old.built_epochs == [0]
     for f in os.listdir(cache):  # plain arrays, loadable without pickle
-        np.load(os.path.join(cache, f), allow_pickle=False)
+        if f.endswith(".npy"):
+            np.load(os.path.join(cache, f), allow_pickle=False)
     default = GLMDataset(prefix, (0, 40), 48, seed=9, cls_id=CLS, eos_id=EOS)
     assert os.path.isfile(default.cache_paths(0)["docs"]) and default.cache_paths(0)[
         "docs"

@@ -26,14 +26,3 @@ def install(hooks: Any) -> None:
         raise RuntimeError(f"injected failure while saving iteration {iteration} to {tag_dir}")
 
     hooks.on_save.append(on_save)
-
-
-def nan_loss(hooks: Any) -> None:
-    """``FAULT_NAN_ITERATION=k``: report a NaN loss for iteration ``k`` (as if it diverged)."""
-    at = int(os.environ["FAULT_NAN_ITERATION"])
-
-    def on_step_end(iteration: int, stats: Any) -> None:
-        if iteration == at:
-            stats.loss = float("nan")
-
-    hooks.on_step_end.append(on_step_end)

@@ -30,6 +30,8 @@ from megatron_glm.training.checkpointing import (
 class FakeEngine:
     """Writes one file per save the way DeepSpeed does (into ``save_dir/tag``)."""
 
+    checkpoint_engine = None  # load_checkpoint swaps in its weights-only reader while it loads
+
     def __init__(self) -> None:
         self.loaded: list[tuple[str, str]] = []
 
