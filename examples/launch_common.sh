@@ -10,6 +10,8 @@
 #   NODE_RANK      torchrun, and deepspeed with NO_SSH=1: this node's index, 0..NUM_NODES-1
 #   NO_SSH=1       deepspeed: start the runner on every node by hand (no pdsh/ssh)
 #   DRY_RUN=1      print the command, one argument per line, and exit (nothing is started)
+#   GLM_SCRIPT     the entry point (default pretrain_glm.py; the finetuning recipes set
+#                  finetune_glm.py)
 #
 # Usage in a recipe:  glm_launch "${ARGS[@]}" "$@"   (extra recipe arguments go to the trainer)
 
@@ -22,7 +24,7 @@ glm_launch() {
     local gpus_per_node=${GPUS_PER_NODE:-8}
     local hostfile=${HOSTFILE:-$EXAMPLES_DIR/hostfile}
     local master_port=${MASTER_PORT:-29500}
-    local script=$REPO_DIR/pretrain_glm.py
+    local script=$REPO_DIR/${GLM_SCRIPT:-pretrain_glm.py}
     local -a cmd
     if ((num_nodes > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
         echo "glm_launch: NUM_NODES=$num_nodes needs MASTER_ADDR (the address of node 0)" >&2

@@ -13,12 +13,14 @@
 # 4. plots the loss curve                               -> runs/quickstart/loss.png
 #    and fails unless the training loss fell by at least QUICKSTART_MIN_DROP nats (default 2.0)
 #    from the first logged iteration to the mean of the last five logged ones.
+# 5. fills the blank of QUICKSTART_PROMPT with the model it trained (tools/generate.py, greedy)
+#    and prints {"prompt", "output", "blanks"}.
 #
 # Steps 1-2 are skipped when their outputs exist (delete runs/quickstart/data to redo them); step 3
 # starts afresh each time (runs/quickstart/train is replaced). docs/quickstart.md has the details.
 # Knobs: QUICKSTART_DIR, QUICKSTART_ITERS (150), QUICKSTART_NPROC (2), QUICKSTART_MIN_DROP (2.0),
 # QUICKSTART_LAUNCHER (deepspeed | torchrun), QUICKSTART_CORPUS (a jsonl(.gz) with a "text" key;
-# give a new QUICKSTART_DIR with it), QUICKSTART_VOCAB (8000).
+# give a new QUICKSTART_DIR with it), QUICKSTART_VOCAB (8000), QUICKSTART_PROMPT (text with [MASK]).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +32,7 @@ LAUNCHER=${QUICKSTART_LAUNCHER:-deepspeed}
 PYTHON=${PYTHON:-python}
 CORPUS=${QUICKSTART_CORPUS:-data/python-docs-en.jsonl.gz}
 VOCAB=${QUICKSTART_VOCAB:-8000}
+PROMPT=${QUICKSTART_PROMPT:-"Return a new [MASK] of the list."}
 DATA=$OUT/data
 TRAIN=$OUT/train
 TOKENIZER=$DATA/sp$VOCAB
@@ -41,24 +44,24 @@ step() { printf '\n==> [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 mkdir -p "$DATA"
 
 if [[ -s $TOKENIZER.model && -s $TOKENIZER.json ]]; then
-    step "1/4 tokenizer: reusing $TOKENIZER.model"
+    step "1/5 tokenizer: reusing $TOKENIZER.model"
 else
-    step "1/4 training a sentencepiece tokenizer ($VOCAB pieces) on $CORPUS"
+    step "1/5 training a sentencepiece tokenizer ($VOCAB pieces) on $CORPUS"
     "$PYTHON" tools/train_tokenizer.py --input "$CORPUS" --json-keys text --vocab-size "$VOCAB" \
         --output-prefix "$TOKENIZER"
 fi
 
 # Redo the dataset when it is missing or older than the tokenizer that made it.
 if [[ -s $DATASET.idx && -s $DATASET.bin && $DATASET.idx -nt $TOKENIZER.model ]]; then
-    step "2/4 dataset: reusing $DATASET.{bin,idx}"
+    step "2/5 dataset: reusing $DATASET.{bin,idx}"
 else
-    step "2/4 tokenizing $CORPUS into $DATASET.{bin,idx}"
+    step "2/5 tokenizing $CORPUS into $DATASET.{bin,idx}"
     "$PYTHON" tools/preprocess_data.py --input "$CORPUS" --json-keys text --append-eod \
         --workers 2 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER.model" \
         --output-prefix "$DATA/corpus"
 fi
 
-step "3/4 pretraining a tiny GLM for $ITERS iterations: $NPROC processes, $LAUNCHER launcher"
+step "3/5 pretraining a tiny GLM for $ITERS iterations: $NPROC processes, $LAUNCHER launcher"
 rm -rf "$TRAIN"
 mkdir -p "$TRAIN"
 cores=$(nproc 2>/dev/null || echo 2)
@@ -85,9 +88,16 @@ train_args=(
 echo "+ ${launch[*]} pretrain_glm.py ${train_args[*]}"
 "${launch[@]}" pretrain_glm.py "${train_args[@]}"
 
-step "4/4 plotting the loss curve"
+step "4/5 plotting the loss curve"
 "$PYTHON" tools/plot_loss.py "$TRAIN/train_log.jsonl" --output "$OUT/loss.png" \
     --title "GLM quickstart: 4 x 256, $NPROC CPU processes" --require-drop loss "$MIN_DROP"
+
+step "5/5 filling a blank with the trained model"
+# as a jsonl record, so that the blank's text is printed with its whitespace escaped
+"$PYTHON" -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1]}))' "$PROMPT" \
+    >"$OUT/prompt.jsonl"
+"$PYTHON" tools/generate.py --load-pretrained "$TRAIN/checkpoints" --input-file "$OUT/prompt.jsonl" \
+    --temperature 0 --out-seq-length 8
 
 step "done in $((SECONDS - start)) s. Outputs:"
 cat <<EOF
@@ -95,6 +105,7 @@ cat <<EOF
   JSON log       $TRAIN/train_log.jsonl
   TensorBoard    tensorboard --logdir $TRAIN/tensorboard
   checkpoint     $TRAIN/checkpoints/$ITERS (resume with --load $TRAIN/checkpoints)
+  generate       python tools/generate.py --load-pretrained $TRAIN/checkpoints  (docs/generation.md)
   tokenizer      $TOKENIZER.model
   dataset        $DATASET.{bin,idx}
 EOF

@@ -8,8 +8,9 @@ Shape legend: b batch, n heads (per TP rank), sq queries, sk keys, d head dim.
 Query ``i`` sits at key position ``i + sk - sq`` (so a KV cache, ``sq < sk``, uses the same call and
 sees every cached position), and may attend to key ``j`` iff ``j < sep or j <= i + sk - sq``: Part A
 (the first ``sep`` tokens) is bidirectional, Part B is causal and sees all of Part A, and padding
-after Part B is never seen by a real token. The mask is described by ``sep`` alone; each backend
-decides how to apply it:
+after Part B is never seen by a real token. The mask is described by ``sep`` alone (plus, for
+generation, an optional ``key_mask [b, sk]`` that hides padding keys inside the sequence); each
+backend decides how to apply it:
 
 - ``dense``: the reference, as the official GLM computes it: ``scores = q @ (k / sqrt(d))^T``,
   masked scores set to -65504, softmax in the input dtype, dropout, ``@ v``. Materialises
@@ -81,13 +82,18 @@ def resolve_backend(backend: str, device: torch.device, dropout_active: bool = F
     return "sdpa"
 
 
-def allowed_mask(sep: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
-    """Boolean ``[b, 1, sq, sk]``: True where query ``i`` may attend to key ``j``."""
+def allowed_mask(
+    sep: torch.Tensor, sq: int, sk: int, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean ``[b, 1, sq, sk]``: True where query ``i`` may attend to key ``j``; with
+    ``key_mask [b, sk]`` also only where ``key_mask[b, j]``."""
     device = sep.device
     query_pos = torch.arange(sk - sq, sk, device=device).view(1, sq, 1)  # key position of query i
     key_pos = torch.arange(sk, device=device).view(1, 1, sk)
-    # [b, sq, sk] -> [b, 1, sq, sk]: one mask for every head
-    return ((key_pos < sep.view(-1, 1, 1)) | (key_pos <= query_pos)).unsqueeze(1)
+    allowed = (key_pos < sep.view(-1, 1, 1)) | (key_pos <= query_pos)  # [b, sq, sk]
+    if key_mask is not None:
+        allowed = allowed & key_mask.view(-1, 1, sk)
+    return allowed.unsqueeze(1)  # [b, 1, sq, sk]: one mask for every head
 
 
 @dataclass
@@ -121,16 +127,34 @@ def _check_sep(sep: torch.Tensor, batch: int, sk: int) -> None:
 
 
 def prepare_attention_mask(
-    sep: torch.Tensor, sq: int, sk: int, backend: str, dropout_active: bool = False
+    sep: torch.Tensor,
+    sq: int,
+    sk: int,
+    backend: str,
+    dropout_active: bool = False,
+    key_mask: torch.Tensor | None = None,
 ) -> PreparedMask:
-    """Validate ``sep`` and build the mask ``backend`` needs (``auto`` is resolved here)."""
+    """Validate ``sep`` and build the mask ``backend`` needs (``auto`` is resolved here).
+
+    ``key_mask``: optional boolean ``[b, sk]``, False for keys no query may see (the padding a
+    batched KV cache leaves between the rows' Part A and Part B, docs/generation.md)."""
     batch = sep.shape[0] if isinstance(sep, torch.Tensor) and sep.dim() == 1 else -1
     _check_sep(sep, batch, sk)
-    return _build_mask(sep, sq, sk, backend, dropout_active)
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (batch, sk)):
+        raise ValueError(
+            f"key_mask must be a bool tensor of shape [{batch}, {sk}], got "
+            f"{key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+    return _build_mask(sep, sq, sk, backend, dropout_active, key_mask)
 
 
 def _build_mask(
-    sep: torch.Tensor, sq: int, sk: int, backend: str, dropout_active: bool
+    sep: torch.Tensor,
+    sq: int,
+    sk: int,
+    backend: str,
+    dropout_active: bool,
+    key_mask: torch.Tensor | None = None,
 ) -> PreparedMask:
     batch = sep.shape[0]
     if sq > sk:
@@ -148,12 +172,13 @@ def _build_mask(
         def mask_mod(
             b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
         ) -> torch.Tensor:
-            return (kv_idx < sep_long[b]) | (kv_idx <= q_idx + offset)
+            allowed = (kv_idx < sep_long[b]) | (kv_idx <= q_idx + offset)
+            return allowed if key_mask is None else allowed & key_mask[b, kv_idx]
 
         # H=None: the mask is the same for every head, so the block map is stored once per sample.
         block = create_block_mask(mask_mod, batch, None, sq, sk, device=sep.device)
         return PreparedMask(concrete, sq, sk, batch, block=block)
-    return PreparedMask(concrete, sq, sk, batch, dense=allowed_mask(sep, sq, sk))
+    return PreparedMask(concrete, sq, sk, batch, dense=allowed_mask(sep, sq, sk, key_mask))
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,10 @@ from megatron_glm.model.init import initialize_parameters
 from megatron_glm.model.layer import GLMLayer, make_replicated_layer_norm
 from megatron_glm.parallel import VocabParallelEmbedding, get_tensor_model_parallel_rank_and_size
 from megatron_glm.parallel.random import checkpoint
+
+if TYPE_CHECKING:
+    from megatron_glm.conversion import CanonicalCheckpoint
+    from megatron_glm.inference.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +62,14 @@ def _check_integer(name: str, t: object, shape: tuple[int | None, ...]) -> torch
 
 
 def validate_inputs(
-    config: GLMConfig, input_ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+    config: GLMConfig,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    sep: torch.Tensor,
+    num_cached: int = 0,
 ) -> None:
-    """Check shapes, dtypes and value ranges of a model input; ``ValueError`` naming the values."""
+    """Check shapes, dtypes and value ranges of a model input; ``ValueError`` naming the values.
+    ``num_cached``: tokens already in a KV cache in front of these (generation)."""
     _check_integer("input_ids", input_ids, (None, None))
     b, s = input_ids.shape
     _check_integer("position_ids", position_ids, (b, 2, s))
@@ -83,8 +93,12 @@ def validate_inputs(
             f"position ids must lie in [0, {rows}) (max_sequence_length + 1 table "
             f"rows), got min {low_pos} max {high_pos}"
         )
-    if low_sep < 0 or high_sep > s:
-        raise ValueError(f"sep must lie in [0, {s}] (the sequence length), got {sep.tolist()}")
+    keys = num_cached + s
+    if low_sep < 0 or high_sep > keys:
+        raise ValueError(
+            f"sep must lie in [0, {keys}] (the sequence length, cached tokens included), "
+            f"got {sep.tolist()}"
+        )
 
 
 class GLMTransformer(PositionTables):
@@ -125,6 +139,16 @@ class GLMModel(nn.Module):
             loaded = consolidated.FORM.read(Path(path))
         else:
             loaded = read_checkpoint(path)
+        model = cls.from_checkpoint(loaded, dtype=dtype)
+        logger.info("loaded %s (%s)", path, loaded.source or "checkpoint")
+        return model
+
+    @classmethod
+    def from_checkpoint(
+        cls, loaded: CanonicalCheckpoint, *, dtype: torch.dtype | None = None
+    ) -> GLMModel:
+        """A plain (TP = 1) model holding the weights of a checkpoint already read
+        (``megatron_glm.conversion.read_checkpoint``); as ``from_pretrained``."""
         # Built on the meta device and given the loaded tensors: no random initialisation to
         # compute and throw away, no second copy of the weights.
         with torch.device("meta"):
@@ -139,15 +163,31 @@ class GLMModel(nn.Module):
         for name, param in model.named_parameters():
             for key, value in attributes[name].items():
                 setattr(param, key, value)
-        logger.info("loaded %s (%s)", path, loaded.source or "checkpoint")
         return model.eval()
 
-    def _run_layers(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        sep: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, s, _ = hidden.shape
         layers = self.transformer.layers
         dropout_active = self.training and self.config.attention_dropout > 0.0
+        backend = self.config.attention_backend
+        if kv_cache is not None and backend in ("auto", "flex"):
+            # Decoding runs one query per row against a key length that grows every step: flex
+            # would build a block mask and compile for each new length, SDPA needs neither.
+            backend = "sdpa"
+        past = 0 if kv_cache is None else kv_cache.length
         # Built once per forward and shared by every layer (the flex BlockMask is not free).
-        mask = prepare_attention_mask(sep, s, s, self.config.attention_backend, dropout_active)
+        mask = prepare_attention_mask(sep, s, past + s, backend, dropout_active, key_mask)
+        if kv_cache is not None:
+            for index, layer in enumerate(layers):
+                hidden = layer(hidden, sep, mask, kv_cache.layer(index))
+            kv_cache.advance(s)
+            return hidden
         if not (self.config.checkpoint_activations and self.training and torch.is_grad_enabled()):
             for layer in layers:
                 hidden = layer(hidden, sep, mask)
@@ -164,11 +204,21 @@ class GLMModel(nn.Module):
         return hidden
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        sep: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``input_ids [b, s]``, ``position_ids [b, 2, s]``, ``sep [b]`` -> ``[b, s, v/w]``."""
-        validate_inputs(self.config, input_ids, position_ids, sep)
+        """``input_ids [b, s]``, ``position_ids [b, 2, s]``, ``sep [b]`` -> ``[b, s, v/w]``.
+
+        Generation (docs/generation.md): with ``kv_cache`` the tokens continue the cached ones
+        (``sep`` counts from the first cached token) and are appended to the cache;
+        ``key_mask [b, cached + s]`` (bool) hides padding keys from every query."""
+        past = 0 if kv_cache is None else kv_cache.length
+        validate_inputs(self.config, input_ids, position_ids, sep, past)
         hidden = embed(self.word_embeddings, self.transformer, input_ids, position_ids)  # [b,s,h]
-        hidden = self._run_layers(hidden, sep)
+        hidden = self._run_layers(hidden, sep, kv_cache, key_mask)
         hidden = self.transformer.final_layernorm(hidden)
         return parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group)

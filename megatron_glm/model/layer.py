@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,9 @@ from megatron_glm.parallel import (
     set_tensor_model_parallel_attributes,
 )
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker
+
+if TYPE_CHECKING:
+    from megatron_glm.inference.kv_cache import LayerKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +87,23 @@ class ParallelSelfAttention(nn.Module):
         return contextlib.nullcontext()
 
     def forward(
-        self, hidden: torch.Tensor, sep: torch.Tensor, mask: PreparedMask | None = None
+        self,
+        hidden: torch.Tensor,
+        sep: torch.Tensor,
+        mask: PreparedMask | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the dense bias ``[h]``)."""
+        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the dense bias ``[h]``).
+        ``kv_cache``: this layer's keys and values of earlier tokens (generation); the new ones
+        are appended and the queries attend to all of them."""
         b, s, _ = hidden.shape
         mixed = self.query_key_value(hidden)  # [b, s, 3h/w] = [Q_r | K_r | V_r]
         q, k, v = (
             t.view(b, s, self.num_heads_per_partition, self.head_dim).transpose(1, 2)
             for t in mixed.chunk(3, dim=-1)
         )  # 3 x [b, n/w, s, d]
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # 2 x [b, n/w, cached + s, d]
         dropout_p = self.attention_dropout if self.training else 0.0
         if dropout_p > 0.0:
             with self._dropout_rng():
@@ -173,11 +185,16 @@ class GLMLayer(nn.Module):
         return bias_dropout_add_reference(out, bias, residual, prob, self.training)
 
     def forward(
-        self, hidden: torch.Tensor, sep: torch.Tensor, mask: PreparedMask | None = None
+        self,
+        hidden: torch.Tensor,
+        sep: torch.Tensor,
+        mask: PreparedMask | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """``hidden [b, s, h]``, ``sep [b]`` -> ``[b, s, h]``. ``mask`` is an optional mask
-        prepared once per forward (``prepare_attention_mask``) for the same ``sep``."""
-        out, bias = self.attention(self.input_layernorm(hidden), sep, mask)
+        prepared once per forward (``prepare_attention_mask``) for the same ``sep``;
+        ``kv_cache`` this layer's cache in generation (``ParallelSelfAttention.forward``)."""
+        out, bias = self.attention(self.input_layernorm(hidden), sep, mask, kv_cache)
         hidden = self._residual(out, bias, hidden)
         out, bias = self.mlp(self.post_attention_layernorm(hidden))
         return self._residual(out, bias, hidden)  # [b, s, h]

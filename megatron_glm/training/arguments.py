@@ -77,27 +77,41 @@ class RunConfig:
     failure: FailureConfig = dataclasses.field(default_factory=FailureConfig)
     dialect: str = "ours"  # whose defaults filled the flags left out (training/compat.py)
     notes: list[str] = dataclasses.field(default_factory=list)  # printed once at start-up
+    task: Any = None  # a finetuning run's megatron_glm.tasks.finetune.FinetuneConfig
 
     @property
     def data_parallel_size(self) -> int:
         return self.ds.data_parallel_size
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model.to_dict(),
             "training": self.training.to_dict(),
             "data": self.data.to_dict(),
             "deepspeed": self.ds.config,
             "world_size": self.world_size,
         }
+        if self.task is not None:
+            out["task"] = self.task.to_dict()
+        return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, finetune: bool = False) -> argparse.ArgumentParser:
+    """The flags of ``pretrain_glm.py``; with ``finetune`` also the task flags of
+    ``finetune_glm.py`` (``megatron_glm.tasks.finetune``)."""
     p = argparse.ArgumentParser(
-        prog="pretrain_glm.py",
-        description="Pretrain GLM (autoregressive blank infilling) with DeepSpeed. "
-        "Flags are Megatron's/the official GLM's; see docs/training.md.",
+        prog="finetune_glm.py" if finetune else "pretrain_glm.py",
+        description=(
+            "Finetune GLM on a cloze or seq2seq task with DeepSpeed; see docs/finetuning.md."
+            if finetune
+            else "Pretrain GLM (autoregressive blank infilling) with DeepSpeed. "
+            "Flags are Megatron's/the official GLM's; see docs/training.md."
+        ),
     )
+    if finetune:
+        from megatron_glm.tasks.finetune import add_finetune_args
+
+        add_finetune_args(p)
     g = p.add_argument_group("model")
     g.add_argument(
         "--preset",
@@ -558,7 +572,6 @@ def build_run_config(
     compat = apply_compat(args, cuda=cuda)
     problems: list[str] = list(compat.problems)
     ds = _ds_config(args, world_size, cuda, problems)
-    training = _training_config(args, ds, problems)
 
     data: DataConfig | None = None
     try:
@@ -566,6 +579,9 @@ def build_run_config(
     except (ValueError, TypeError) as err:
         problems.append(str(err))
     tokenizer = _tokenizer(data, problems) if data is not None else None
+    finetuning = getattr(args, "task", None) is not None
+    task = _finetune_task(args, ds, tokenizer, problems) if finetuning else None
+    training = _training_config(args, ds, problems)
     tokenizer_vocab = None if tokenizer is None else tokenizer.vocab_size
     # ids the model must embed: the tokenizer's, plus the [MASKi]/[sopi] pairs of sentinel tokens
     needed_vocab = tokenizer_vocab
@@ -585,14 +601,15 @@ def build_run_config(
                 f"the tokenizer has {needed_vocab} tokens{sentinels}, more than the model "
                 f"vocabulary --vocab-size {model.vocab_size}"
             )
-        if data is not None and data.seq_length > model.max_sequence_length:
+        longest = _longest_positions(data, task)
+        if longest is not None and longest[1] > model.max_sequence_length:
             problems.append(
-                f"seq-length {data.seq_length} is larger than "
+                f"{longest[0]} {longest[1]} is larger than "
                 f"max-position-embeddings {model.max_sequence_length}"
             )
     failure = _failure_config(args, problems)
     validation = training is not None and bool(training.eval_interval)
-    if data is not None and check_data:
+    if data is not None and check_data and not finetuning:
         _check_data(data, tokenizer, ("train", "valid") if validation else ("train",), problems)
     if training is not None:
         _check_checkpoints(training, model, problems)
@@ -608,16 +625,60 @@ def build_run_config(
         failure=failure,
         dialect=compat.dialect,
         notes=compat.notes,
+        task=task,
     )
+
+
+def _longest_positions(data: DataConfig | None, task: Any) -> tuple[str, int] | None:
+    """The flag that sets the largest position a sample uses, and its value."""
+    if task is not None and task.is_seq2seq:
+        src, tgt = task.src_seq_length, task.tgt_seq_length
+        return ("src-seq-length", src) if src >= tgt else ("tgt-seq-length", tgt)
+    return None if data is None else ("seq-length", data.seq_length)
+
+
+def _finetune_task(
+    args: argparse.Namespace,
+    ds: ResolvedDSConfig | None,
+    tokenizer: GLMTokenizer | None,
+    problems: list[str],
+) -> Any:
+    """The task flags and the task's files, checked; ``--epochs`` becomes ``--train-iters``."""
+    from megatron_glm.tasks.finetune import (
+        check_task_data,
+        finetune_config_from_args,
+        iterations_for_epochs,
+    )
+
+    config = finetune_config_from_args(args)
+    config_problems = config.problems()
+    problems.extend(config_problems)
+    if config_problems or tokenizer is None:
+        return config
+    num_train, data_problems = check_task_data(config, tokenizer)
+    problems.extend(data_problems)
+    if args.train_iters is None and config.epochs is None:
+        problems.append("--epochs or --train-iters is required")
+    elif args.train_iters is None and ds is not None and num_train:
+        args.train_iters = iterations_for_epochs(config.epochs, num_train, ds.train_batch_size)
+    elif args.train_iters is None:
+        args.train_iters = 1  # unknown until the problems above are fixed; do not add one
+    return config
+
+
+# Where a finetuning run keeps the checkpoint of its best validation, under --save.
+BEST_DIR = "best"
 
 
 def own_outputs(training: TrainingConfig) -> tuple[str, ...]:
     """Files this run writes that may sit in its --load directory before its first checkpoint
-    (the --save lock of a job that died is one)."""
+    (the --save lock of a job that died is one; a finetuning run's best checkpoint another)."""
     from megatron_glm.training.run_lock import LOCK_FILE
 
-    lock = os.path.join(training.save, LOCK_FILE) if training.save else None
-    return tuple(p for p in (training.log_json, training.tensorboard_dir, lock) if p)
+    save = training.save
+    lock = os.path.join(save, LOCK_FILE) if save else None
+    best = os.path.join(save, BEST_DIR) if save else None
+    return tuple(p for p in (training.log_json, training.tensorboard_dir, lock, best) if p)
 
 
 def _check_checkpoints(

@@ -2,15 +2,19 @@
 
 Shape legend: b micro-batch, s sequence, v/w this rank's vocab shard.
 
+What a micro-batch holds besides the model inputs, and what its loss and validation numbers are,
+is the task's (``megatron_glm.tasks.base.Task``); the engine runs any task the same way.
+
 ``Trainer`` builds either a plain ``DeepSpeedEngine`` over ``GLMModel`` (pipeline size 1; our
 ``ParallelGroups`` is DeepSpeed's ``mpu``) or a ``PipelineEngine`` over ``build_pipeline_module``,
 with the optimizer from the JSON, weight-decay groups from the model, and the GLM LR schedule.
 
-Loss normalisation (docs/training.md). Before any loss of an iteration is computed, the loss-token
-count of all its micro-batches is summed and all-reduced over data parallelism: ``N``. DeepSpeed
-then divides each micro-batch loss by the accumulation steps ``g`` and averages gradients over the
-``d`` data-parallel ranks, so each micro-batch's loss is ``sum(ce * mask) / (N / (g * d))``: the
-gradient is that of the mean over all ``N`` tokens, in every layout. The logged loss is DeepSpeed's
+Loss normalisation (docs/training.md). Before any loss of an iteration is computed, the loss-unit
+count (the task's ``loss_units``: tokens, or examples) of all its micro-batches is summed and
+all-reduced over data parallelism: ``N``. DeepSpeed then divides each micro-batch loss by the
+accumulation steps ``g`` and averages gradients over the ``d`` data-parallel ranks, so each
+micro-batch's loss is ``sum(ce * mask) / (N / (g * d))``: the gradient is that of the mean over all
+``N`` units, in every layout. The logged loss is DeepSpeed's
 aggregate (sum over micro-batches / g, mean over ranks) = that same global mean. With
 ``--loss-normalization micro-batch`` the normaliser is the micro-batch's own count (the official
 per-micro-batch mean, averaged over micro-batches and ranks).
@@ -35,7 +39,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +48,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_glm.config import GLMConfig
-from megatron_glm.data.blank_infilling import OBJECTIVES
-from megatron_glm.model import GLMModel, glm_loss, param_groups_for_weight_decay
+from megatron_glm.model import GLMModel, param_groups_for_weight_decay
 from megatron_glm.parallel.random import model_parallel_seed
+from megatron_glm.tasks.base import MODEL_INPUTS, MicroBatch, Task
 from megatron_glm.training.arguments import RunConfig
 from megatron_glm.training.guards import StepGuard
 from megatron_glm.training.lr_schedule import GLMLRScheduler
@@ -58,8 +61,6 @@ from megatron_glm.training.pipeline import (
 )
 
 logger = logging.getLogger(__name__)
-
-MicroBatch = dict[str, Any]
 
 
 @dataclass
@@ -223,13 +224,20 @@ class Trainer:
     """One engine and what an iteration does with it; every rank builds one."""
 
     def __init__(
-        self, run: RunConfig, groups: Any, guard: StepGuard, pretrained: str | None = None
+        self,
+        run: RunConfig,
+        groups: Any,
+        task: Task,
+        guard: StepGuard,
+        pretrained: str | None = None,
     ) -> None:
-        """``guard``: sees every training loss and decides, with the other ranks, whether each
-        update happens (training/guards.py); ``pretrained``: a checkpoint (any form) whose
-        weights the model starts from."""
+        """``task``: what the run trains on and how its loss and metrics are computed
+        (megatron_glm/tasks); ``guard``: sees every training loss and decides, with the other
+        ranks, whether each update happens (training/guards.py); ``pretrained``: a checkpoint
+        (any form) whose weights the model starts from."""
         self.run = run
         self.groups = groups
+        self.task = task
         self.guard = guard
         self.device = _device()
         self.pipelined = groups.pp_size > 1
@@ -239,6 +247,7 @@ class Trainer:
         # one per pipeline stage as in Megatron; the TP-partitioned stream is P's tracker.
         model_parallel_seed(run.training.seed + 100 * groups.pp_rank, groups.tp_rank)
         self._recorded_grad_norm: float | None = None
+        self._train_shape: tuple[int, ...] | None = None  # of the last training micro-batch
 
         import deepspeed
 
@@ -249,7 +258,7 @@ class Trainer:
         )
         ds = run.ds
         if self.pipelined:
-            self.loss_fn: PipelineLoss | None = PipelineLoss(self.tp_group)
+            self.loss_fn: PipelineLoss | None = PipelineLoss(task, self.tp_group)
             model = build_pipeline_module(run.model, groups, self.loss_fn)
             mpu = None  # the PipelineModule brings its own grid (same rank order as ours)
         else:
@@ -499,7 +508,7 @@ class Trainer:
 
     # ---- batches ------------------------------------------------------------------------------
     def _normalizers(self, micro_batches: Sequence[MicroBatch]) -> list[torch.Tensor]:
-        counts = torch.stack([mb["loss_mask"].double().sum() for mb in micro_batches])
+        counts = torch.stack([self.task.loss_units(mb).double() for mb in micro_batches])
         if self.run.training.loss_normalization == "micro-batch":
             return [c.clamp(min=1.0).float().reshape(1) for c in counts]
         total = counts.sum().to(self.device)
@@ -508,19 +517,20 @@ class Trainer:
         per_micro = (total.clamp(min=1.0) / (self.gas * self.groups.dp_size)).float().reshape(1)
         return [per_micro.cpu()] * len(micro_batches)
 
-    def _to_device(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
-        keys = ("tokens", "position_ids", "sep", "labels", "loss_mask")
-        return {k: mb[k].to(self.device, non_blocking=True) for k in keys}
+    def _on_device(
+        self, mb: MicroBatch
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The model inputs ``(tokens, position_ids, sep)`` and the task's targets."""
+        inputs = tuple(mb[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS)
+        targets = tuple(t.to(self.device, non_blocking=True) for t in self.task.targets(mb))
+        return inputs, targets
 
     def _pipe_items(
         self, micro_batches: Sequence[MicroBatch], normalizers: Sequence[torch.Tensor]
     ) -> Iterator[Any]:
         for mb, norm in zip(micro_batches, normalizers):
-            t = self._to_device(mb)
-            yield (
-                (t["tokens"], t["position_ids"], t["sep"]),
-                (t["labels"], t["loss_mask"], norm.to(self.device)),
-            )
+            inputs, targets = self._on_device(mb)
+            yield inputs, (*targets, norm.to(self.device))
 
     def _current_lr(self) -> float:
         return float(self.lr_scheduler.get_last_lr()[0])
@@ -543,6 +553,7 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         self._recorded_grad_norm = None
         normalizers = self._normalizers(micro_batches)
+        self._train_shape = tuple(micro_batches[0]["tokens"].shape)
         self.engine.train()
         if self.pipelined:
             loss = self.engine.train_batch(data_iter=self._pipe_items(micro_batches, normalizers))
@@ -550,14 +561,10 @@ class Trainer:
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
             for mb, norm in zip(micro_batches, normalizers):
-                t = self._to_device(mb)
-                logits = self.engine(t["tokens"], t["position_ids"], t["sep"])  # [b, s, v/w]
-                loss = glm_loss(
-                    logits,
-                    t["labels"],
-                    t["loss_mask"],
-                    self.tp_group,
-                    norm.to(self.device).reshape(()),
+                inputs, targets = self._on_device(mb)
+                logits = self.engine(*inputs)  # [b, s, v/w]
+                loss = self.task.loss(
+                    logits, targets, self.tp_group, norm.to(self.device).reshape(())
                 )
                 loss = self.guard.observe_loss(loss)
                 if self.fp16_stage0:
@@ -584,18 +591,21 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: Iterable[MicroBatch]) -> dict[str, tuple[float, int]]:
-        """Summed loss and loss-token count per objective over ``micro_batches`` (this rank's
-        share), reduced over data parallelism; every rank gets the result."""
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, float] = defaultdict(float)
+    def evaluate(self, micro_batches: Iterable[MicroBatch]) -> torch.Tensor:
+        """The task's ``eval_stats`` summed over ``micro_batches`` (this rank's share) and over
+        data parallelism (float64); every rank gets the result."""
         batches = list(micro_batches)
-        objectives = [mb["objective"] for mb in batches]
+        total: torch.Tensor | None = None
         self.engine.eval()
         if self.pipelined:
             assert self.loss_fn is not None
             self.loss_fn.records = []
             ones = [torch.ones(1)] * len(batches)
+            # DeepSpeed caches the activation shape between stages: a validation micro-batch of
+            # another size (--eval-batch-size) must not reuse it, nor leave its own behind
+            resize = tuple(batches[0]["tokens"].shape) != self._train_shape
+            if resize:
+                self.engine.reset_activation_shape()
             self.engine.eval_batch(
                 self._pipe_items(batches, ones),
                 compute_loss=True,
@@ -603,30 +613,27 @@ class Trainer:
                 bcast_loss=False,
                 num_micro_batches=len(batches),
             )
+            if resize:
+                self.engine.reset_activation_shape()
             records, self.loss_fn.records = self.loss_fn.records, None
-            if self.groups.is_last_stage:
-                for objective, (loss_sum, count) in zip(objectives, records):
-                    sums[objective] += float(loss_sum)
-                    counts[objective] += float(count)
+            if not self.groups.is_last_stage:
+                records = []
         else:
-            for mb, objective in zip(batches, objectives):
-                t = self._to_device(mb)
-                logits = self.engine(t["tokens"], t["position_ids"], t["sep"])
-                sums[objective] += float(
-                    glm_loss(logits, t["labels"], t["loss_mask"], self.tp_group, 1.0)
-                )
-                counts[objective] += float(t["loss_mask"].sum())
+            records = []
+            for mb in batches:
+                inputs, targets = self._on_device(mb)
+                records.append(self.task.eval_stats(self.engine(*inputs), targets, self.tp_group))
+        for record in records:  # in order, one by one: the same sums in every layout
+            total = record.double().cpu() if total is None else total + record.double().cpu()
         self.engine.train()
-        names = list(OBJECTIVES)  # a fixed order: ranks may have seen different objectives
-        stats = torch.tensor(
-            [[sums[n], counts[n]] for n in names], dtype=torch.float64, device=self.device
-        )
+        size = torch.tensor([0 if total is None else total.numel()], device=self.device)
+        if self.pipelined:  # only the last stage knows the size of the task's vector
+            dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.groups.pp_group)
+        stats = torch.zeros(int(size), dtype=torch.float64, device=self.device)
+        if total is not None:
+            stats += total.to(self.device)
         if self.groups.dp_size > 1:
             dist.all_reduce(stats, group=self.groups.dp_group)
         if self.pipelined:  # the last stage has the numbers; share them along the pipeline
             dist.broadcast(stats, src=self.groups.pp_ranks[-1], group=self.groups.pp_group)
-        return {
-            n: (float(stats[i, 0]), int(stats[i, 1]))
-            for i, n in enumerate(names)
-            if stats[i, 1] > 0
-        }
+        return stats.cpu()

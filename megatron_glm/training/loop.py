@@ -1,9 +1,11 @@
-"""The pretraining loop: set-up, resume, iterations, validation, logging, checkpoints, exit.
+"""The training loop: set-up, resume, iterations, validation, logging, checkpoints, exit.
 
-``pretrain(run)`` is everything after the command line was validated and ``torch.distributed``
-started. It resumes from the newest complete checkpoint under ``--load``; without one it starts
-from the ``--load-pretrained`` weights (fresh optimizer, schedule and data position) or from the
-initialisation (logged). It trains until ``--train-iters`` or the next multiple of
+``train(run, task)`` is everything after the command line was validated and ``torch.distributed``
+started; the task (``megatron_glm.tasks.base.Task``) supplies the data, the loss and the
+validation metrics, the loop decides when things happen. ``pretrain(run)`` runs the GLM
+pretraining task. It resumes from the newest complete checkpoint under ``--load``; without one it
+starts from the ``--load-pretrained`` weights (fresh optimizer, schedule and data position) or from
+the initialisation (logged). It trains until ``--train-iters`` or the next multiple of
 ``--exit-interval``, and saves on ``--save-interval`` and when it stops, also when asked to stop
 (SIGTERM/SIGINT, a dead launcher: all ranks agree, finish the iteration, save; training/guards.py);
 a broken iteration (non-finite values, ...) raises ``TrainingBroken`` before anything is saved for
@@ -11,6 +13,10 @@ it. Exact resume:
 model/optimizer/scheduler state (DeepSpeed), the consumed-sample count (the data order is a pure
 function of the sample index) and every rank's RNG streams, restored right before the first
 iteration, so a resumed run repeats the uninterrupted one bit for bit.
+
+A task with a ``best_metric`` keeps the checkpoint of its best validation in ``<save>/best``
+(a complete checkpoint, loadable with ``--load-pretrained``; ``best.json`` there says which
+iteration and value, and survives a resume).
 
 Hooks (``TrainingHooks``) are the seams for fault injection and monitoring: ``on_step_end(iteration,
 stats)`` after every iteration and ``on_save(iteration, tag_dir)`` after this rank's checkpoint
@@ -21,6 +27,7 @@ names a function that receives the hooks object and registers callables on it.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import time
@@ -33,10 +40,12 @@ import torch.distributed as dist
 
 from megatron_glm.parallel.random import get_all_rng_states, set_all_rng_states
 from megatron_glm.parallel.topology import ParallelTopology
-from megatron_glm.training.arguments import RunConfig, own_outputs
+from megatron_glm.tasks.base import Task, TaskData
+from megatron_glm.training.arguments import BEST_DIR, RunConfig, own_outputs
 from megatron_glm.training.checkpointing import (
     CheckpointRef,
     LoadDirError,
+    atomic_write_text,
     checkpoint_to_resume,
     load_checkpoint,
     protect_checkpoint,
@@ -80,30 +89,16 @@ class TrainingHooks:
             hook(iteration, tag_dir)
 
 
-def _data(run: RunConfig, groups: Any) -> tuple[Any, Any, Any]:
-    from megatron_glm.data.blank_infilling import BlankInfillingCollator
-    from megatron_glm.data.glm_dataset import build_glm_datasets
-    from megatron_glm.data.tokenizers import tokenizer_from_spec
-
-    d = run.data
-    tokenizer = tokenizer_from_spec(d.tokenizer_spec)
-    t, gbs = run.training, run.ds.train_batch_size
-    # Only the splits this run reads: the test split never, the valid split with --eval-interval.
-    validating = bool(t.eval_interval)
-    splits = ("train", "valid") if validating else ("train",)
-    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if validating else 0, 0)
-    # Rank 0 builds the sample-index caches first; the others then read them.
-    if groups.rank != 0:
-        dist.barrier()
-    train_ds, valid_ds, _ = build_glm_datasets(d, tokenizer, num_samples, splits=splits)
-    if groups.rank == 0:
-        dist.barrier()
-    collator = BlankInfillingCollator(d.infilling, tokenizer, d.input_length, d.seed)
-    return train_ds, valid_ds, collator
 
 
 def _loader(
-    run: RunConfig, groups: Any, dataset: Any, collator: Any, consumed: int, num_workers: int
+    run: RunConfig,
+    groups: Any,
+    dataset: Any,
+    collator: Any,
+    consumed: int,
+    num_workers: int,
+    micro_batch_size: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     from megatron_glm.data.loader import build_pretraining_data_loader
 
@@ -111,7 +106,7 @@ def _loader(
         build_pretraining_data_loader(
             dataset,
             collator,
-            run.ds.micro_batch_size,
+            micro_batch_size or run.ds.micro_batch_size,
             groups.dp_rank,
             groups.dp_size,
             consumed_samples=consumed,
@@ -169,7 +164,26 @@ def _agree_on_start(run: RunConfig, rank: int) -> StartPoint:
 
 
 def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
-    """Train; returns the last completed iteration. Every rank calls it."""
+    """GLM pretraining; returns the last completed iteration. Every rank calls it."""
+    from megatron_glm.tasks.pretraining import GLMPretraining
+
+    return train(run, GLMPretraining(run), hooks).iteration
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its last iteration, the trainer (for a final evaluation) and the best
+    validation kept (``None`` without one)."""
+
+    iteration: int
+    trainer: Trainer
+    groups: Any
+    data: TaskData
+    best: dict[str, Any] | None
+
+
+def train(run: RunConfig, task: Task, hooks: TrainingHooks | None = None) -> TrainResult:
+    """Train ``task``. Every rank calls it."""
     hooks = hooks if hooks is not None else TrainingHooks.from_env()
     t, ds = run.training, run.ds
     rank = dist.get_rank()
@@ -177,10 +191,10 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
         run.world_size, t.tensor_model_parallel_size, t.pipeline_model_parallel_size
     )
     groups = topology.build_groups(rank)
-    train_ds, valid_ds, collator = _data(run, groups)
+    data = task.build_data(groups)
     start = _agree_on_start(run, rank)
     guard = StepGuard(run.failure, ds.precision, stop_requested, ProgressBoard.of_default_group())
-    trainer = Trainer(run, groups, guard, pretrained=start.pretrained)
+    trainer = Trainer(run, groups, task, guard, pretrained=start.pretrained)
 
     iteration, consumed, rng_states = 0, 0, None
     ref = start.resume
@@ -209,7 +223,7 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     # From here on SIGTERM/SIGINT are stop requests. Data-loader workers, forked next, inherit
     # that: torchrun and DeepSpeed's launcher signal them too, and they must outlive the save.
     restore_signals = catch_stop_signals()
-    train_iter = _loader(run, groups, train_ds, collator, consumed, run.data.num_workers)
+    train_iter = _loader(run, groups, data.train, data.collator, consumed, run.data.num_workers)
     log = TrainLogger(
         rank=rank,
         log_json=t.log_json,
@@ -219,8 +233,8 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
         stop_iteration=stop,
     )
     # model input positions (L = input_length, Part B and padding included): what the FLOPs cover
-    tokens_per_iter = ds.train_batch_size * run.data.input_length
-    flops_per_iter = flops_per_token(run.model, run.data.input_length) * tokens_per_iter
+    tokens_per_iter = ds.train_batch_size * task.input_length
+    flops_per_iter = flops_per_token(run.model, task.input_length) * tokens_per_iter
     peak = device_peak_tflops(t.peak_tflops)
     config_dict = run.to_dict()
 
@@ -243,6 +257,7 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
     elif ref is not None and rank == 0:
         logger.warning("RNG streams not restored: the resumed run differs from the original")
 
+    best = _read_best(t.save) if ref is not None else None
     last_saved = iteration if ref is not None else -1
     window_start, window_iters = time.perf_counter(), 0
     try:
@@ -282,8 +297,9 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
                 if t.save and rank == 0:  # later runs' --keep-last-k must not delete it
                     protect_checkpoint(t.save, str(broken))
                 raise broken
-            if t.eval_interval and iteration % t.eval_interval == 0 and valid_ds is not None:
-                _validate(run, groups, trainer, valid_ds, collator, log, iteration)
+            if t.eval_interval and iteration % t.eval_interval == 0 and data.valid is not None:
+                metrics = validate(run, groups, trainer, task, data, log, iteration)
+                best = _keep_best(run, task, trainer, metrics, best, iteration, consumed)
                 window_start, window_iters = time.perf_counter(), 0
             if t.save and t.save_interval and iteration % t.save_interval == 0:
                 save(iteration)
@@ -305,26 +321,76 @@ def pretrain(run: RunConfig, hooks: TrainingHooks | None = None) -> int:
         log.close()
     if rank == 0:
         logger.info("stopped at iteration %d of %d", iteration, t.train_iters)
-    return iteration
+    return TrainResult(iteration, trainer, groups, data, best)
 
 
-def _validate(
+def validate(
     run: RunConfig,
     groups: Any,
     trainer: Trainer,
-    valid_ds: Any,
-    collator: Any,
+    task: Task,
+    data: TaskData,
     log: TrainLogger,
     iteration: int,
-) -> None:
-    """``--eval-iters`` global batches from the start of the validation split, per objective."""
-    n = run.training.eval_iters * run.ds.gradient_accumulation_steps
-    it = _loader(run, groups, valid_ds, collator, 0, num_workers=0)
-    stats = trainer.evaluate(next(it) for _ in range(n))
-    total_sum = sum(s for s, _ in stats.values())
-    total_tokens = sum(c for _, c in stats.values())
-    losses = {name: s / max(c, 1) for name, (s, c) in stats.items()}
-    losses["all"] = total_sum / max(total_tokens, 1)
-    tokens = {name: c for name, (_, c) in stats.items()}
-    tokens["all"] = total_tokens
-    log.log_eval(iteration, losses, tokens)
+) -> dict[str, float]:
+    """The task's validation over ``data.num_valid`` samples from the start of the validation
+    split (pretraining: ``--eval-iters`` global batches)."""
+    stats = evaluate_split(run, groups, trainer, task, data)
+    return task.log_validation(log, iteration, stats)
+
+
+def evaluate_split(
+    run: RunConfig, groups: Any, trainer: Trainer, task: Task, data: TaskData
+) -> Any:
+    """The task's summed ``eval_stats`` over ``data.num_valid`` validation samples."""
+    micro = task.eval_micro_batch_size or run.ds.micro_batch_size
+    n = -(-data.num_valid // (micro * groups.dp_size))
+    it = _loader(run, groups, data.valid, data.collator, 0, 0, micro_batch_size=micro)
+    return trainer.evaluate(next(it) for _ in range(n))
+
+
+def _read_best(save: str | None) -> dict[str, Any] | None:
+    path = Path(save, BEST_DIR, "best.json") if save else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _keep_best(
+    run: RunConfig,
+    task: Task,
+    trainer: Trainer,
+    metrics: dict[str, float],
+    best: dict[str, Any] | None,
+    iteration: int,
+    consumed: int,
+) -> dict[str, Any] | None:
+    """Save the model to ``<save>/best`` when ``task.best_metric`` improved (every rank)."""
+    name, save = task.best_metric, run.training.save
+    if name is None or save is None or name not in metrics:
+        return best
+    sign = 1.0 if task.higher_is_better else -1.0
+    if best is not None and sign * metrics[name] <= sign * best["value"]:
+        return best
+    directory = Path(save, BEST_DIR)
+    save_checkpoint(
+        trainer.engine,
+        directory,
+        iteration,
+        consumed_samples=consumed,
+        config=run.to_dict(),
+        rng_states=get_all_rng_states(),
+        keep_last_k=1,
+        layout_free=run.training.save_layout_free,
+    )
+    best = {"iteration": iteration, "metric": name, "value": metrics[name], "metrics": metrics}
+    if dist.get_rank() == 0:
+        atomic_write_text(directory / "best.json", json.dumps(best, indent=2) + "\n")
+        logger.info(
+            "best %s so far (%.6f) at iteration %d: kept in %s",
+            name,
+            metrics[name],
+            iteration,
+            directory,
+        )
+    return best

@@ -187,6 +187,21 @@ class TrainLogger:
             self._tb.flush()
         self._write_json({"kind": "eval", "step": step, "losses": losses, "tokens": tokens})
 
+    def log_metrics(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """A finetuning task's evaluation (accuracy, F1, ROUGE, loss ...) of ``split``."""
+        if not self.active:
+            return
+        shown = ", ".join(f"{name} {value:.6f}" for name, value in metrics.items())
+        message = f"{split} at iteration {step}: {shown}"
+        if self._bar is not None:
+            self._bar.write(message)
+        logger.info(message)
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(f"{split}/{name}", value, step)
+            self._tb.flush()
+        self._write_json({"kind": split, "step": step, "metrics": metrics})
+
     def _write_json(self, obj: dict[str, Any]) -> None:
         if self._json is None:
             return

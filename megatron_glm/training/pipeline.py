@@ -5,7 +5,8 @@ Shape legend: b micro-batch, s sequence, h hidden, v/w this rank's vocab shard.
 Stage boundaries carry the activation tuple ``(hidden [b,s,h], position_ids [b,2,s], sep [b])``;
 only ``hidden`` is floating point, so it is the one tensor DeepSpeed sends a gradient back for.
 The first stage takes ``(tokens, position_ids, sep)``, the last stage's loss function takes the
-labels tuple ``(labels [b,s], loss_mask [b,s], normalizer [1])``.
+labels tuple ``(*task targets, normalizer [1])`` (for pretraining the targets are ``labels [b,s],
+loss_mask [b,s]`` and the objective).
 
 Layer list: ``EmbeddingPipe`` (tied, key ``word_embeddings``), ``num_layers`` x ``LayerPipe``,
 ``FinalLayerNormPipe``, then the tied head (the same key, forward = ``parallel_lm_logits``).
@@ -31,7 +32,7 @@ from torch import nn
 
 from megatron_glm.config import GLMConfig
 from megatron_glm.kernels import prepare_attention_mask
-from megatron_glm.model import GLMEmbedding, GLMLayer, glm_loss, make_replicated_layer_norm
+from megatron_glm.model import GLMEmbedding, GLMLayer, make_replicated_layer_norm
 from megatron_glm.model import parallel_lm_logits as _lm_logits
 from megatron_glm.parallel.random import checkpoint
 
@@ -159,19 +160,20 @@ class FinalLayerNormPipe(nn.Module):
 
 
 class PipelineLoss:
-    """The last stage's loss function; optionally records ``(loss, loss tokens)`` per micro-batch
-    (validation reads them back to split the loss by objective)."""
+    """The last stage's loss function: the task's loss (``megatron_glm.tasks.base.Task``) of the
+    labels tuple ``(*targets, normalizer)``; while ``records`` is a list, each micro-batch's
+    ``eval_stats`` is appended to it (validation reads them back)."""
 
-    def __init__(self, tp_group: dist.ProcessGroup | None) -> None:
+    def __init__(self, task: Any, tp_group: dist.ProcessGroup | None) -> None:
+        self.task = task
         self.tp_group = tp_group
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.records: list[torch.Tensor] | None = None
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        target, loss_mask, normalizer = labels
-        loss = glm_loss(logits, target, loss_mask, self.tp_group, normalizer.reshape(()))
+        *targets, normalizer = labels
         if self.records is not None:
-            self.records.append((loss.detach(), loss_mask.detach().float().sum()))
-        return loss
+            self.records.append(self.task.eval_stats(logits, targets, self.tp_group))
+        return self.task.loss(logits, targets, self.tp_group, normalizer.reshape(()))
 
 
 def build_pipeline_module(config: GLMConfig, groups: Any, loss_fn: Callable[..., Any]) -> Any:

@@ -41,7 +41,9 @@ def test_quickstart_script_small(tmp_path: Path) -> None:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
-    assert "1/4 training a sentencepiece tokenizer (1000 pieces)" in output
+    assert "1/5 training a sentencepiece tokenizer (1000 pieces)" in output
+    assert "5/5 filling a blank with the trained model" in output
+    assert '"output": ' in output and '"blanks": [' in output
     assert "OK: loss fell from" in output
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     records = [

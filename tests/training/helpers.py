@@ -192,8 +192,10 @@ def launch(
     timeout: float = 240.0,
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
+    script: str = "pretrain_glm.py",
 ) -> LaunchResult:
-    """Run ``pretrain_glm.py args`` as ``world_size`` ranks on this host (gloo)."""
+    """Run ``script args`` (``pretrain_glm.py``, ``finetune_glm.py``) as ``world_size`` ranks on
+    this host (gloo)."""
     port = find_free_port()
     base = {
         **os.environ,
@@ -213,7 +215,7 @@ def launch(
         files.append(f)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(REPO / "pretrain_glm.py"), *args],
+                [sys.executable, str(REPO / script), *args],
                 cwd=REPO,
                 stdout=f,
                 stderr=subprocess.STDOUT,
