@@ -41,6 +41,7 @@ from torch import nn
 
 from megatron_glm.config import GLMConfig
 from megatron_glm.data.blank_infilling import OBJECTIVES
+from megatron_glm.kernels.host import keep_freed_memory
 from megatron_glm.model import GLMModel, glm_loss, param_groups_for_weight_decay
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.training.arguments import RunConfig
@@ -221,6 +222,8 @@ class Trainer:
         self.run = run
         self.groups = groups
         self.device = _device()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of faulting them in every step
         self.pipelined = groups.pp_size > 1
         self.tp_group = groups.tp_group if groups.tp_size > 1 else None
         self.gas = run.ds.gradient_accumulation_steps
