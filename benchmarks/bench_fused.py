@@ -70,6 +70,7 @@ def main() -> None:
     scripted_bda = torch.jit.script(_bda_for_script)
     cases: dict[str, Callable[[], torch.Tensor]] = {
         "bias_gelu reference (autograd of the formula)": lambda: bias_gelu_reference(b, y),
+        "bias_gelu aten (F.gelu tanh)": lambda: bias_gelu(b, y, impl="aten"),
         "bias_gelu eager (analytic backward)": lambda: bias_gelu(b, y, impl="eager"),
         "bias_gelu compile": lambda: bias_gelu(b, y, impl="compile"),
         "bias_gelu torchscript": lambda: scripted_gelu(b, y),

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ATTENTION_BACKENDS = ("auto", "dense", "sdpa", "flex")
+ATTENTION_BACKENDS = ("auto", "dense", "fused", "sdpa", "flex")
 
 
 # The model-size flags of pretrain_glm.py and tools/convert_checkpoint.py: argparse dest -> field.
@@ -56,7 +56,14 @@ class GLMConfig:
     fused_bias_gelu: bool = True
     fused_bias_dropout_add: bool = True
     checkpoint_activations: bool = False
+    # Selective recomputation (Megatron): the `fused` attention backend keeps only q, k, v and the
+    # generator state, and recomputes scores, softmax and dropout mask in backward
+    # (docs/model.md#attention-backends).
+    recompute_attention_core: bool = True
     checkpoint_num_layers: int = 1
+    # Megatron sequence parallelism under TP (docs/parallelism.md#sequence-parallelism); no effect
+    # at TP 1. The model input length must divide by the TP size.
+    sequence_parallel: bool = False
     seed: int = 1234  # initialisation seed: weights are a pure function of (seed, parameter name)
 
     def __post_init__(self) -> None:
@@ -88,6 +95,8 @@ class GLMConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be a bool, got {self.sequence_parallel!r}")
         if self.layernorm_epsilon <= 0 or self.init_method_std <= 0:
             raise ValueError(
                 f"layernorm_epsilon ({self.layernorm_epsilon}) and init_method_std "

@@ -17,11 +17,21 @@ backend decides how to apply it:
   ``[b, n, sq, sk]`` scores.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with one boolean mask
   ``[b, 1, sq, sk]`` broadcast over heads (never a per-head mask).
+- ``fused``: the dense computation in one hand-written autograd function, for CPU training where
+  SDPA is slow (bf16) or has no fused kernel (dropout): the mask is added (0 / -65504, vectorised)
+  and the softmax normalised in place on the scores; dropout is ``kernels.dropout``'s bitwise mask
+  (15 random bits per element, a quarter of a generator draw in bf16, instead of a Bernoulli draw
+  and two multiplies), and the ``1/(1-p)`` scale is applied to the ``[b, n, sq, d]`` output instead
+  of the ``[b, n, sq, sk]`` probabilities. With ``recompute=True`` (Megatron's selective
+  recomputation of the attention core, the model's default) only q, k, v and the generator state
+  are kept for backward, which recomputes scores and softmax and replays the mask: nothing of size
+  ``[b, n, sq, sk]`` is held across the step. Without it the probabilities and the mask are kept.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse ``BlockMask`` built from the
   same predicate, compiled on CUDA. No attention dropout; on CPU it runs the unfused forward only
   (torch has no CPU backward for it) - use it on CPU for checks, not training.
-- ``auto``: ``flex`` on CUDA when dropout is inactive; ``dense`` on CPU while attention dropout is
-  active (``resolve_backend`` says why); else ``sdpa``.
+- ``auto``: ``flex`` on CUDA when dropout is inactive; on CPU ``fused`` while attention dropout is
+  active (``resolve_backend`` says why) and for 16-bit inputs (decided per call from the dtype);
+  else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -29,11 +39,13 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from megatron_glm.kernels.dropout import apply_keep_bits_, keep_bits
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +59,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "dense", "sdpa", "flex")
+BACKENDS = ("auto", "dense", "fused", "sdpa", "flex")
 # The official code's "minus infinity": the most negative fp16 value, so fp16 scores stay finite.
 MASK_VALUE = -65504.0
 
@@ -78,7 +90,7 @@ def resolve_backend(backend: str, device: torch.device, dropout_active: bool = F
     # With dropout, torch's CPU SDPA falls back to an unfused path that is slower than the dense
     # reference and, in bf16, needs 1.6-1.8x its memory (benchmarks/README.md).
     if device.type == "cpu" and dropout_active:
-        return "dense"
+        return "fused"
     return "sdpa"
 
 
@@ -104,8 +116,18 @@ class PreparedMask:
     sq: int
     sk: int
     batch: int
-    dense: torch.Tensor | None = None  # [b, 1, sq, sk] bool for dense / sdpa
+    dense: torch.Tensor | None = None  # [b, 1, sq, sk] bool for dense / fused / sdpa
     block: Any = None  # BlockMask for flex
+    auto: bool = False  # chosen by "auto": sdpa becomes fused for 16-bit inputs on CPU
+    additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # fused, per dtype
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[b, 1, sq, sk]`` of ``dtype``: 0 where allowed, -65504 elsewhere (built once)."""
+        if dtype not in self.additive:
+            assert self.dense is not None
+            zeros = torch.zeros(self.dense.shape, dtype=dtype, device=self.dense.device)
+            self.additive[dtype] = zeros.masked_fill_(~self.dense, MASK_VALUE)
+        return self.additive[dtype]
 
 
 def _check_sep(sep: torch.Tensor, batch: int, sk: int) -> None:
@@ -178,7 +200,8 @@ def _build_mask(
         # H=None: the mask is the same for every head, so the block map is stored once per sample.
         block = create_block_mask(mask_mod, batch, None, sq, sk, device=sep.device)
         return PreparedMask(concrete, sq, sk, batch, block=block)
-    return PreparedMask(concrete, sq, sk, batch, dense=allowed_mask(sep, sq, sk, key_mask))
+    dense = allowed_mask(sep, sq, sk, key_mask)
+    return PreparedMask(concrete, sq, sk, batch, dense=dense, auto=backend == "auto")
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -216,6 +239,97 @@ def _dense(
     return torch.matmul(probs, v)  # [b, n, sq, d]
 
 
+def _masked_softmax(q: torch.Tensor, k: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+    """``softmax(q (k / sqrt(d))^T + additive)`` ``[b, n, sq, sk]``, masked and normalised in place.
+
+    The mask is added (0 or -65504, broadcast over heads) rather than ``masked_fill``ed: the add
+    is vectorised, a bool-masked fill is not (10x slower on CPU)."""
+    scores = torch.matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
+    scores.add_(additive)
+    # In place (checked equal to torch.softmax by tests/kernels/test_attention.py): the CPU
+    # kernel reads a row before writing it, so no second [b, n, sq, sk] buffer is needed.
+    return torch._softmax(scores, -1, False, out=scores)
+
+
+def _generator_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0].get_state()
+    return torch.default_generator.get_state()
+
+
+def _replay_generator(device: torch.device, state: torch.Tensor) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.set_state(state)
+    return generator
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The ``fused`` backend: dense attention with in-place masking, softmax and dropout."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        additive: torch.Tensor,
+        dropout_p: float,
+        recompute: bool,
+    ) -> torch.Tensor:
+        probs = _masked_softmax(q, k, additive)  # [b, n, sq, sk]
+        bits, scale, rng_state = None, 1.0, None
+        kept = probs
+        if dropout_p > 0.0:
+            rng_state = _generator_state(probs.device)  # to replay the draws in backward
+            bits, scale = keep_bits(probs.shape, dropout_p, probs.dtype, probs.device)
+            # Recomputation rebuilds probs in backward; otherwise backward needs them intact.
+            kept = apply_keep_bits_(probs if recompute else probs.clone(), bits)
+        out = torch.matmul(kept, v)  # [b, n, sq, d]
+        if scale != 1.0:
+            out.mul_(scale)
+        ctx.recompute, ctx.dropout_p = recompute, dropout_p
+        ctx.scale, ctx.rng_state = scale, rng_state
+        if recompute:
+            ctx.save_for_backward(q, k, v, additive)
+        else:
+            ctx.save_for_backward(q, k, v, additive, probs, bits)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.recompute:
+            q, k, v, additive = ctx.saved_tensors
+            probs = _masked_softmax(q, k, additive)
+            bits = None
+            if ctx.rng_state is not None:
+                replay = _replay_generator(probs.device, ctx.rng_state)
+                bits, _ = keep_bits(probs.shape, ctx.dropout_p, probs.dtype, probs.device, replay)
+        else:
+            q, k, v, additive, probs, bits = ctx.saved_tensors
+        if ctx.scale != 1.0:
+            grad_out = grad_out * ctx.scale
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))  # [b, n, sq, sk]
+        if bits is not None:
+            apply_keep_bits_(grad_probs, bits)
+        # softmax backward in place (the kernel finishes a row's dot product before writing it):
+        # grad_probs becomes the scores' gradient
+        grad_scores = torch._softmax_backward_data(
+            grad_probs, probs, -1, probs.dtype, grad_input=grad_probs
+        )
+        # Recomputed probs are this function's own, so they take the mask in place; saved ones
+        # are left intact (a retained graph may run backward again).
+        kept = probs
+        if bits is not None:
+            kept = apply_keep_bits_(probs if ctx.recompute else probs.clone(), bits)
+        del bits, probs
+        grad_v = torch.matmul(kept.transpose(-1, -2), grad_out)  # [b, n, sk, d]
+        del kept
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        grad_q = torch.matmul(grad_scores, k).mul_(scale)  # [b, n, sq, d]
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(scale)  # [b, n, sk, d]
+        return grad_q, grad_k, grad_v, None, None, None
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Any) -> torch.Tensor:
     global _compiled_flex
     if q.device.type == "cuda":
@@ -244,6 +358,7 @@ def attention(
     dropout_p: float = 0.0,
     training: bool = False,
     mask: PreparedMask | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Masked multi-head attention: ``q [b,n,sq,d]``, ``k, v [b,n,sk,d]``, ``sep [b]`` ->
     ``[b,n,sq,d]``.
@@ -251,7 +366,9 @@ def attention(
     ``mask`` is an optional :func:`prepare_attention_mask` result for the same ``sep``/lengths
     (the model builds it once per forward); its backend then wins over ``backend``. Dropout on the
     attention probabilities is applied when ``training`` and ``dropout_p > 0`` (the caller owns the
-    RNG state, e.g. the model-parallel RNG fork). ``flex`` cannot apply dropout.
+    RNG state, e.g. the model-parallel RNG fork). ``flex`` cannot apply dropout. ``recompute``
+    (``fused`` only) keeps just q, k, v and the generator state for backward, which recomputes the
+    probabilities and replays the dropout mask.
     """
     _check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
@@ -276,8 +393,19 @@ def attention(
             )
         return _flex(q, k, v, mask.block)
     assert mask.dense is not None
-    if mask.backend == "dense":
+    concrete = mask.backend
+    if mask.auto and concrete == "sdpa" and q.device.type == "cpu" and q.element_size() == 2:
+        # torch's CPU SDPA kernel is 2x slower than fused in bf16 (benchmarks/README.md); in fp32
+        # without dropout it is faster, so the dtype decides (known only here, not when the mask
+        # was prepared).
+        concrete = "fused"
+    if concrete == "dense":
         return _dense(q, k, v, mask.dense, dropout_p, training)
+    if concrete == "fused":
+        additive = mask.additive_mask(q.dtype)
+        return _FusedAttention.apply(
+            q, k, v, additive, dropout_p if dropout_active else 0.0, recompute
+        )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask.dense, dropout_p=dropout_p if training else 0.0
     )

@@ -6,7 +6,9 @@ Shape legend: b batch, s sequence, h hidden, v padded vocab, w TP world size.
 ``h0 = word_embeddings[ids] + position_embeddings[pos] + block_position_embeddings[block_pos]``,
 then embedding dropout. ``position_ids [b, 2, s]``: row 0 is the absolute position, row 1 the
 block position (0 in Part A, 1.. inside each Part B span). With ``block_position_encoding=False``
-row 1 is ignored and there is no block table.
+row 1 is ignored and there is no block table. With sequence parallelism
+(docs/parallelism.md#sequence-parallelism) ``h0`` is split along the sequence before the dropout,
+each TP rank keeping ``[b, s/w, h]``, and the LM head gathers the sequence back.
 
 The module layout reproduces the canonical names: the word table is ``word_embeddings`` at the top
 and the position tables live under ``transformer`` (the official ``GPT2ParallelTransformer`` owns
@@ -15,6 +17,7 @@ them), so ``GLMEmbedding().state_dict()`` keys are canonical names, just like th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -27,6 +30,9 @@ from megatron_glm.model.init import initialize_parameters
 from megatron_glm.parallel import (
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
+    get_rng_tracker,
+    linear_with_sequence_gather,
+    scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 
@@ -56,13 +62,29 @@ def embed(
     tables: PositionTables,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """``input_ids [b, s]``, ``position_ids [b, 2, s]`` -> ``[b, s, h]`` (after dropout)."""
+    """``input_ids [b, s]``, ``position_ids [b, 2, s]`` -> ``[b, s, h]`` (after dropout), or with
+    ``sequence_parallel`` (and TP > 1) this TP rank's ``[b, s/w, h]`` slice of it."""
     hidden = word_embeddings(input_ids)  # [b, s, h], all-reduced over the vocab shards
     hidden = hidden + tables.position_embeddings(position_ids[:, 0])
     if tables.block_position_encoding:
         hidden = hidden + tables.block_position_embeddings(position_ids[:, 1])
-    return tables.embedding_dropout(hidden)
+    tp_group, tp_size = word_embeddings.tp_group, word_embeddings.tp_world_size
+    if not sequence_parallel or tp_size == 1:
+        return tables.embedding_dropout(hidden)
+    s = hidden.shape[1]
+    if s % tp_size:
+        raise ValueError(
+            f"sequence parallelism splits the sequence over the {tp_size} tensor-parallel ranks: "
+            f"the sequence length {s} must be divisible by {tp_size}"
+        )
+    hidden = scatter_to_sequence_parallel_region(hidden, tp_group)  # [b, s/w, h]
+    dropout = tables.embedding_dropout
+    # The ranks now hold different positions: their masks must differ (the per-rank stream).
+    drawing = dropout.training and dropout.p > 0.0
+    with get_rng_tracker().fork() if drawing else contextlib.nullcontext():
+        return dropout(hidden)
 
 
 class GLMEmbedding(nn.Module):
@@ -81,6 +103,7 @@ class GLMEmbedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size, config.hidden_size, tp_group
         )
+        self.sequence_parallel = config.sequence_parallel and self.word_embeddings.tp_world_size > 1
         self.transformer = PositionTables(config)
         if init:
             initialize_parameters(self, config, "", tp_group)
@@ -91,16 +114,27 @@ class GLMEmbedding(nn.Module):
         return self.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return embed(self.word_embeddings, self.transformer, input_ids, position_ids)
+        return embed(
+            self.word_embeddings,
+            self.transformer,
+            input_ids,
+            position_ids,
+            self.sequence_parallel,
+        )
 
 
 def parallel_lm_logits(
     hidden: torch.Tensor,
     word_embeddings_weight: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """Tied LM head: ``hidden [b, s, h]`` @ ``W [v/w, h]``^T -> vocab-parallel logits
     ``[b, s, v/w]`` (no bias). The copy makes the backward sum the hidden gradient over TP ranks,
-    each of which only saw its vocab shard."""
+    each of which only saw its vocab shard. With ``sequence_parallel`` ``hidden`` is this rank's
+    ``[b, s/w, h]``, all-gathered for the product (and only the slice kept for backward, as in the
+    column-parallel linears); the backward's reduce-scatter does that sum."""
+    if sequence_parallel:
+        return linear_with_sequence_gather(hidden, word_embeddings_weight, None, tp_group)
     hidden = copy_to_tensor_model_parallel_region(hidden, tp_group)
     return F.linear(hidden, word_embeddings_weight)  # [b, s, v/w]

@@ -6,6 +6,12 @@ Shape legend: b batch, s sequence, h hidden, v padded vocab, w TP world size.
 The logits stay vocab-parallel (shard r holds vocab ids ``[r*v/w, (r+1)*v/w)``) and go straight
 into ``glm_loss``. At TP=1 the model is plain PyTorch and ``state_dict()`` keys are exactly the
 canonical names of docs/model.md#canonical-parameter-names.
+
+``config.sequence_parallel`` under TP (docs/parallelism.md#sequence-parallelism): between the
+embedding and the LM head the residual stream is each rank's ``[b, s/w, h]`` slice of the
+sequence; the LayerNorms, dropouts and residual adds run on slices, the layers' linears gather and
+reduce-scatter around their TP regions, and the gradients of the replicated parameters applied to
+slices (LayerNorms, row-parallel biases) are summed over the TP ranks by hooks.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from megatron_glm.kernels import prepare_attention_mask
 from megatron_glm.model.embedding import PositionTables, embed, parallel_lm_logits
 from megatron_glm.model.init import initialize_parameters
 from megatron_glm.model.layer import GLMLayer, make_replicated_layer_norm
-from megatron_glm.parallel import VocabParallelEmbedding, get_tensor_model_parallel_rank_and_size
+from megatron_glm.parallel import (
+    VocabParallelEmbedding,
+    get_tensor_model_parallel_rank_and_size,
+    sum_sequence_parallel_gradients,
+)
 from megatron_glm.parallel.random import checkpoint
 
 if TYPE_CHECKING:
@@ -110,6 +120,10 @@ class GLMTransformer(PositionTables):
             GLMLayer(config, i, tp_group, init=False) for i in range(config.num_layers)
         )
         self.final_layernorm = make_replicated_layer_norm(config)
+        if config.sequence_parallel:
+            # the position tables act before the sequence is split: full gradients already
+            sum_sequence_parallel_gradients(self.layers, tp_group)
+            sum_sequence_parallel_gradients(self.final_layernorm, tp_group)
 
 
 class GLMModel(nn.Module):
@@ -121,6 +135,7 @@ class GLMModel(nn.Module):
         check_tp_divisibility(config, tp_size)
         self.config = config
         self.tp_group = tp_group
+        self.sequence_parallel = config.sequence_parallel and tp_size > 1
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size, config.hidden_size, tp_group
         )
@@ -169,10 +184,12 @@ class GLMModel(nn.Module):
         self,
         hidden: torch.Tensor,
         sep: torch.Tensor,
+        s: int,
         kv_cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s, _ = hidden.shape
+        """``hidden [b, s, h]`` (``[b, s/w, h]`` under sequence parallelism) through the layers;
+        ``s`` is the full sequence length, which attention sees."""
         layers = self.transformer.layers
         dropout_active = self.training and self.config.attention_dropout > 0.0
         backend = self.config.attention_backend
@@ -218,7 +235,12 @@ class GLMModel(nn.Module):
         ``key_mask [b, cached + s]`` (bool) hides padding keys from every query."""
         past = 0 if kv_cache is None else kv_cache.length
         validate_inputs(self.config, input_ids, position_ids, sep, past)
-        hidden = embed(self.word_embeddings, self.transformer, input_ids, position_ids)  # [b,s,h]
-        hidden = self._run_layers(hidden, sep, kv_cache, key_mask)
+        sp = self.sequence_parallel
+        if sp and kv_cache is not None:
+            raise ValueError("generation with a KV cache runs without sequence parallelism")
+        hidden = embed(  # [b, s, h], or [b, s/w, h] under sequence parallelism
+            self.word_embeddings, self.transformer, input_ids, position_ids, sp
+        )
+        hidden = self._run_layers(hidden, sep, input_ids.shape[1], kv_cache, key_mask)
         hidden = self.transformer.final_layernorm(hidden)
-        return parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group)
+        return parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group, sp)

@@ -8,7 +8,9 @@ TP layout: ``query_key_value`` is column-parallel with stride 3, so rank r holds
 (its bias is added once, after the all-reduce). ``dense_h_to_4h`` is column-parallel,
 ``dense_4h_to_h`` row-parallel. Attention dropout runs inside the model-parallel RNG fork (each TP
 rank drops different heads' probabilities); residual dropout uses the default generator, which is
-seeded identically on the TP ranks, so the replicated activations stay identical.
+seeded identically on the TP ranks, so the replicated activations stay identical. Under sequence
+parallelism (docs/parallelism.md#sequence-parallelism) the residual stream is each rank's
+``[b, s/w, h]`` slice and its dropout draws from the model-parallel stream instead.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class ParallelSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.attention_dropout = config.attention_dropout
         self.backend = config.attention_backend
+        self.recompute_core = config.recompute_attention_core
         if self.backend == "flex" and self.attention_dropout > 0.0:
             raise ValueError(
                 f"attention_backend='flex' cannot apply attention dropout (attention_dropout="
@@ -76,8 +79,13 @@ class ParallelSelfAttention(nn.Module):
             )
         # stride 3: the full weight is [Q; K; V] (docs/model.md#tensor-parallel-partition); rank r
         # keeps [Q_r; K_r; V_r].
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, tp_group, stride=3)
-        self.dense = RowParallelLinear(h, h, tp_group, input_is_parallel=True, skip_bias_add=True)
+        sp = config.sequence_parallel
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, tp_group, stride=3, sequence_parallel=sp
+        )
+        self.dense = RowParallelLinear(
+            h, h, tp_group, input_is_parallel=True, skip_bias_add=True, sequence_parallel=sp
+        )
 
     def _dropout_rng(self) -> contextlib.AbstractContextManager[None]:
         tracker = get_rng_tracker()
@@ -93,15 +101,16 @@ class ParallelSelfAttention(nn.Module):
         mask: PreparedMask | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the dense bias ``[h]``).
-        ``kv_cache``: this layer's keys and values of earlier tokens (generation); the new ones
-        are appended and the queries attend to all of them."""
-        b, s, _ = hidden.shape
+        """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the dense bias ``[h]``);
+        under sequence parallelism ``[b, s/w, h]`` -> ``[b, s/w, h]``. ``kv_cache``: this layer's
+        keys and values of earlier tokens (generation); the new ones are appended and the queries
+        attend to all of them."""
         mixed = self.query_key_value(hidden)  # [b, s, 3h/w] = [Q_r | K_r | V_r]
-        q, k, v = (
-            t.view(b, s, self.num_heads_per_partition, self.head_dim).transpose(1, 2)
-            for t in mixed.chunk(3, dim=-1)
-        )  # 3 x [b, n/w, s, d]
+        b, s, _ = mixed.shape
+        # One copy into [3, b, n/w, s, d]: every attention matmul then reads contiguous heads
+        # (strided q/k/v views made torch.matmul copy them again for each of its products).
+        qkv = mixed.view(b, s, 3, self.num_heads_per_partition, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # 3 x [b, n/w, s, d]
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # 2 x [b, n/w, cached + s, d]
         dropout_p = self.attention_dropout if self.training else 0.0
@@ -116,9 +125,12 @@ class ParallelSelfAttention(nn.Module):
                     dropout_p=dropout_p,
                     training=True,
                     mask=mask,
+                    recompute=self.recompute_core,
                 )
         else:
-            context = attention(q, k, v, sep, backend=self.backend, mask=mask)
+            context = attention(
+                q, k, v, sep, backend=self.backend, mask=mask, recompute=self.recompute_core
+            )
         context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h/w]
         return self.dense(context)  # ([b, s, h], [h])
 
@@ -131,8 +143,13 @@ class ParallelMLP(nn.Module):
         h, f = config.hidden_size, config.ffn_hidden_size
         assert f is not None
         self.fused_bias_gelu = config.fused_bias_gelu
-        self.dense_h_to_4h = ColumnParallelLinear(h, f, tp_group, skip_bias_add=True)
-        self.dense_4h_to_h = RowParallelLinear(f, h, tp_group, skip_bias_add=True)
+        sp = config.sequence_parallel
+        self.dense_h_to_4h = ColumnParallelLinear(
+            h, f, tp_group, skip_bias_add=True, sequence_parallel=sp
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            f, h, tp_group, skip_bias_add=True, sequence_parallel=sp
+        )
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden [b, s, h]`` -> (``out [b, s, h]`` before its bias, the bias ``[h]``)."""
@@ -165,6 +182,10 @@ class GLMLayer(nn.Module):
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout
         self.fused_bias_dropout_add = config.fused_bias_dropout_add
+        # sequence parallelism: the residual stream is this rank's slice of the sequence, whose
+        # dropout masks must differ from the other ranks' (the model-parallel stream)
+        _, tp_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.sequence_parallel = config.sequence_parallel and tp_size > 1
         self.input_layernorm = make_replicated_layer_norm(config)
         self.attention = ParallelSelfAttention(config, tp_group)
         self.post_attention_layernorm = make_replicated_layer_norm(config)
@@ -180,9 +201,11 @@ class GLMLayer(nn.Module):
         self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     ) -> torch.Tensor:
         prob = self.hidden_dropout
-        if self.fused_bias_dropout_add:
-            return bias_dropout_add(out, bias, residual, prob, self.training)
-        return bias_dropout_add_reference(out, bias, residual, prob, self.training)
+        drawing = self.sequence_parallel and self.training and prob > 0.0
+        with get_rng_tracker().fork() if drawing else contextlib.nullcontext():
+            if self.fused_bias_dropout_add:
+                return bias_dropout_add(out, bias, residual, prob, self.training)
+            return bias_dropout_add_reference(out, bias, residual, prob, self.training)
 
     def forward(
         self,

@@ -38,5 +38,5 @@ def glm_loss(
         )
     if not isinstance(normalizer, torch.Tensor) and normalizer <= 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
-    ce = vocab_parallel_cross_entropy(logits_shard.float(), labels, tp_group)  # [b, s] fp32
+    ce = vocab_parallel_cross_entropy(logits_shard, labels, tp_group)  # [b, s] fp32, cast inside
     return (ce * loss_mask.float()).sum() / normalizer

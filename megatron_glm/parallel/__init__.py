@@ -10,12 +10,16 @@ from megatron_glm.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_full_parameters,
+    linear_with_sequence_gather,
     load_full_parameters,
+    sum_sequence_parallel_gradients,
 )
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_glm.parallel.random import (
@@ -54,12 +58,16 @@ __all__ = [
     "get_all_rng_states",
     "get_rng_tracker",
     "get_tensor_model_parallel_rank_and_size",
+    "linear_with_sequence_gather",
     "load_full_parameters",
     "model_parallel_seed",
     "reduce_from_tensor_model_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
     "set_all_rng_states",
     "set_tensor_model_parallel_attributes",
     "shard_tensor",
+    "sum_sequence_parallel_gradients",
     "vocab_parallel_cross_entropy",
 ]

@@ -3,9 +3,11 @@
 Each rank holds the logits of its vocab slice ``[r*v/w, (r+1)*v/w)``. The loss per token is
 ``logsumexp(logits) - logits[label]``; both terms are assembled with all-reduces of ``[..]``-sized
 tensors (the max, the sum of exponentials, the target logit) instead of ``[.., v]``.
-Always computed in fp32: the inputs are cast inside, so fp16/bf16 logits keep an exact-enough
-softmax (docs/model.md#loss). The backward is the closed form ``softmax - onehot(label)``,
-computed from the saved local softmax, so no rank ever materialises full-vocab gradients.
+Always computed in fp32: the inputs are cast inside, a few rows at a time, so fp16/bf16 logits keep
+an exact-enough softmax (docs/model.md#loss) without an fp32 copy of the logits ever existing
+whole. The backward is the closed form ``softmax - onehot(label)``, recomputed row block by row
+block from the saved logits (in their own dtype) and two fp32 numbers per token, so no rank ever
+materialises full-vocab gradients or fp32 logits.
 
 Labels must lie in ``[0, v)``: exclude tokens with the loss mask, not with an ignore index (under
 TP an out-of-range label is owned by no rank and would silently give ``logsumexp``).
@@ -25,6 +27,30 @@ from megatron_glm.parallel.utils import get_tensor_model_parallel_rank_and_size
 __all__ = ["vocab_parallel_cross_entropy"]
 
 
+# Rows per piece of the fp32 work: ~1 MB of fp32 temporaries at a time (2^18 elements), which stays
+# in cache and never allocates a [t.., v/w] fp32 tensor.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(rows: int, width: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _shifted_exp(logits: torch.Tensor, logits_max: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``exp(logits[rows] - max)`` in fp32 (a new tensor, whatever the logits' dtype)."""
+    return torch.sub(logits[rows], logits_max[rows].unsqueeze(-1)).float().exp_()
+
+
+def _row_max(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row max in fp32, ``[t]``: reduced on fp32 pieces (a bf16 max is not vectorised on CPU,
+    and is 10x slower than converting a cache-sized piece and reducing that)."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for rows in _chunks(logits.shape[0], logits.shape[1]):
+        out[rows] = logits[rows].float().amax(dim=-1)
+    return out
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -35,44 +61,51 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         rank, world_size = get_tensor_model_parallel_rank_and_size(group)
         parallel = world_size > 1
-        logits = logits_shard.float()  # [t.., v/w]; a copy for low precision, aliased for fp32
+        partition_vocab = logits_shard.size(-1)
+        logits = logits_shard.reshape(-1, partition_vocab)  # [t, v/w], any float dtype
+        flat_labels = labels.reshape(-1)  # [t]
 
         # Subtract the global max before exp(): exp of large logits would overflow.
-        logits_max = logits.max(dim=-1).values  # [t..]
+        logits_max = _row_max(logits)  # [t] fp32
         if parallel:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)  # [t.., v/w], a new tensor
 
-        partition_vocab = logits.size(-1)
         vocab_start = rank * partition_vocab
-        not_here = (labels < vocab_start) | (labels >= vocab_start + partition_vocab)  # [t..]
-        local_labels = (labels - vocab_start).masked_fill(not_here, 0)
-        target_logit = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1)  # [t..]
-        target_logit = target_logit.masked_fill(not_here, 0.0)
+        not_here = (flat_labels < vocab_start) | (flat_labels >= vocab_start + partition_vocab)
+        local_labels = (flat_labels - vocab_start).masked_fill(not_here, 0)  # [t]
+        target_logit = logits.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).float()
+        target_logit = (target_logit - logits_max).masked_fill(not_here, 0.0)  # [t] shifted
 
-        exp_logits = shifted.exp_()  # in place: `shifted` is not needed any more
-        sum_exp = exp_logits.sum(dim=-1)  # [t..]
+        # sum(exp(shifted)) a few rows at a time: no full-size fp32 copy of the logits.
+        sum_exp = torch.empty_like(logits_max)
+        for rows in _chunks(logits.shape[0], partition_vocab):
+            sum_exp[rows] = _shifted_exp(logits, logits_max, rows).sum(dim=-1)
         if parallel:
             # One all-reduce for both sums (they are independent, the op is the same).
-            packed = torch.stack([target_logit, sum_exp])  # [2, t..]
+            packed = torch.stack([target_logit, sum_exp])  # [2, t]
             dist.all_reduce(packed, group=group)
             target_logit, sum_exp = packed[0], packed[1]
 
-        loss = torch.log(sum_exp) - target_logit  # [t..] fp32
-        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))  # [t.., v/w]
-        ctx.input_dtype = logits_shard.dtype
-        ctx.save_for_backward(softmax, not_here, local_labels)
-        return loss
+        loss = torch.log(sum_exp) - target_logit  # [t] fp32
+        # The logits themselves (no copy: autograd keeps the input alive anyway for the caller's
+        # graph) and two fp32 numbers per token are all backward needs.
+        ctx.save_for_backward(logits, logits_max, sum_exp, not_here, local_labels)
+        ctx.shard_shape = logits_shard.shape
+        return loss.view(labels.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        softmax, not_here, local_labels = ctx.saved_tensors
-        # d loss / d logits = softmax - onehot(label); the onehot lives on the owning rank only.
-        grad = softmax.clone()  # [t.., v/w]
-        own = (~not_here).to(grad.dtype).unsqueeze(-1)  # [t.., 1]
-        grad.scatter_add_(-1, local_labels.unsqueeze(-1), -own)
-        grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype))
-        return grad.to(ctx.input_dtype), None, None
+        logits, logits_max, sum_exp, not_here, local_labels = ctx.saved_tensors
+        grad_loss = grad_loss.reshape(-1).float()  # [t]
+        own = (~not_here).float()  # [t]
+        grad = torch.empty_like(logits)  # [t, v/w] in the logits' dtype
+        for rows in _chunks(logits.shape[0], logits.shape[1]):
+            # d loss / d logits = softmax - onehot(label); the onehot lives on the owning rank.
+            piece = _shifted_exp(logits, logits_max, rows).div_(sum_exp[rows].unsqueeze(-1))
+            piece.scatter_add_(-1, local_labels[rows].unsqueeze(-1), -own[rows].unsqueeze(-1))
+            piece.mul_(grad_loss[rows].unsqueeze(-1))
+            grad[rows] = piece
+        return grad.view(ctx.shard_shape), None, None
 
 
 def vocab_parallel_cross_entropy(

@@ -8,13 +8,22 @@ full state dict, ``gather_full_parameters`` is its inverse. With ``tp_group=None
 size 1) every layer is a plain module computing exactly what ``nn.Linear``/``nn.Embedding`` do, and
 needs no ``torch.distributed``.
 
-Shape legend: w TP world size, i input features, o output features, v vocab size, h hidden.
+``sequence_parallel=True`` (docs/parallelism.md#sequence-parallelism) makes the linears take and
+give activations split along the sequence: a column-parallel layer all-gathers its ``[b, s/w, i]``
+input (and reduce-scatters the input gradient), a row-parallel one reduce-scatters its output to
+``[b, s/w, o]`` instead of all-reducing it. Replicated parameters applied to such sequence slices
+need ``sum_sequence_parallel_gradients``.
+
+Shape legend: w TP world size, i input features, o output features, v vocab size, h hidden,
+b batch, s sequence.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,9 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.parallel.mappings import (
+    all_reduce_sum,
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
+    gather_sequence,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_sequence,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_glm.parallel.utils import (
@@ -41,7 +54,9 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "gather_full_parameters",
+    "linear_with_sequence_gather",
     "load_full_parameters",
+    "sum_sequence_parallel_gradients",
 ]
 
 
@@ -71,13 +86,69 @@ def _new_parameter(
     return param
 
 
+class _LinearWithSequenceGather(torch.autograd.Function):
+    """``F.linear(all-gather(x), weight, bias)`` over the sequence, keeping only the ``[b, s/w, i]``
+    shard for backward: the gathered ``[b, s, i]`` input is what the weight gradient needs, and
+    gathering it again in backward is what makes sequence parallelism save that memory (Korthikanti
+    et al. 2022, section 4.2.2)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group: dist.ProcessGroup,
+    ) -> torch.Tensor:
+        ctx.group = group
+        ctx.save_for_backward(x, weight)
+        return F.linear(gather_sequence(x, group), weight, bias)  # [b, s, o/w]
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        # Under autocast the forward's matmul ran in the autocast dtype, which the output gradient
+        # has: compute in it (as autocast's own linear backward does); autograd casts each result
+        # to its input's dtype.
+        compute = grad.dtype
+        grad_x = grad_weight = grad_bias = None
+        if need_x:
+            # each rank holds the gradient of its o/w outputs only: sum, and keep this rank's slice
+            grad_x = reduce_scatter_sequence(grad.matmul(weight.to(compute)), ctx.group)
+        if need_weight:
+            full = gather_sequence(x, ctx.group).to(compute)  # [b, s, i]
+            grad_weight = grad.flatten(0, -2).t().matmul(full.flatten(0, -2))  # [o/w, i]
+        if need_bias:
+            grad_bias = grad.flatten(0, -2).sum(dim=0)  # [o/w]
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_sequence_gather(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tp_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """``F.linear`` of this rank's sequence slice ``x [b, s/w, i]`` all-gathered to ``[b, s, i]``,
+    keeping only the slice for backward (gathered again there); the input gradient is summed over
+    the ranks and split back (reduce-scatter). Plain ``F.linear`` without TP."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return F.linear(x, weight, bias)
+    return _LinearWithSequenceGather.apply(x, weight, bias, tp_group)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x A^T + b`` with ``A [o, i]`` split along o (dim 0): rank r computes ``o/w`` outputs.
 
-    The input is replicated (its gradient is summed over TP ranks). ``gather_output=True`` returns
-    the full ``o`` outputs in canonical order (strided partitions are re-interleaved, so a stride-3
-    QKV output is [Q; K; V] as in the unpartitioned layer). ``skip_bias_add=True`` returns
-    ``(x A_r^T, b_r)`` so the caller can fuse the bias into what follows (bias + GeLU).
+    The input is replicated (its gradient is summed over TP ranks), or with
+    ``sequence_parallel=True`` split along the sequence (dim 1) and all-gathered here (its gradient
+    reduce-scattered). ``gather_output=True`` returns the full ``o`` outputs in canonical order
+    (strided partitions are re-interleaved, so a stride-3 QKV output is [Q; K; V] as in the
+    unpartitioned layer). ``skip_bias_add=True`` returns ``(x A_r^T, b_r)`` so the caller can fuse
+    the bias into what follows (bias + GeLU).
     """
 
     def __init__(
@@ -89,6 +160,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         stride: int = 1,
         skip_bias_add: bool = False,
+        sequence_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -105,6 +177,7 @@ class ColumnParallelLinear(nn.Module):
         self.stride = stride
         self.skip_bias_add = skip_bias_add
         self.tp_rank, self.tp_world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.sequence_parallel = sequence_parallel and self.tp_world_size > 1
         self.output_size_per_partition = _partition_size(
             output_size, self.tp_world_size, stride, "ColumnParallelLinear output_size"
         )
@@ -119,9 +192,12 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        x = copy_to_tensor_model_parallel_region(x, self.tp_group)  # [.., i]
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, self.weight, bias)  # [.., o/w]
+        if self.sequence_parallel:
+            out = linear_with_sequence_gather(x, self.weight, bias, self.tp_group)  # [b, s, o/w]
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)  # [.., i]
+            out = F.linear(x, self.weight, bias)  # [.., o/w]
         if self.skip_bias_add:
             return out, self.bias
         if self.gather_output:
@@ -138,7 +214,8 @@ class ColumnParallelLinear(nn.Module):
         return (
             f"input_size={self.input_size}, output_size={self.output_size}, "
             f"tp={self.tp_world_size}, stride={self.stride}, bias={self.bias is not None}, "
-            f"gather_output={self.gather_output}, skip_bias_add={self.skip_bias_add}"
+            f"gather_output={self.gather_output}, skip_bias_add={self.skip_bias_add}, "
+            f"sequence_parallel={self.sequence_parallel}"
         )
 
 
@@ -147,7 +224,10 @@ class RowParallelLinear(nn.Module):
 
     The bias is replicated and added *after* the all-reduce (added once, not w times).
     ``input_is_parallel=False`` scatters a replicated input first. ``skip_bias_add=True`` returns
-    ``(x A^T, b)`` so the caller can fuse bias + dropout + residual add.
+    ``(x A^T, b)`` so the caller can fuse bias + dropout + residual add. ``sequence_parallel=True``
+    reduce-scatters the partial products along the sequence (dim 1) instead: the output is this
+    rank's ``[b, s/w, o]``, and the bias, applied to that slice, needs
+    ``sum_sequence_parallel_gradients``.
     """
 
     def __init__(
@@ -158,16 +238,23 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         input_is_parallel: bool = True,
         skip_bias_add: bool = False,
+        sequence_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError(
+                "RowParallelLinear: sequence_parallel=True needs input_is_parallel=True (the "
+                "input is the column-parallel output of a TP region, not a replicated tensor)"
+            )
         self.input_size = input_size
         self.output_size = output_size
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
         self.skip_bias_add = skip_bias_add
         self.tp_rank, self.tp_world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+        self.sequence_parallel = sequence_parallel and self.tp_world_size > 1
         self.input_size_per_partition = _partition_size(
             input_size, self.tp_world_size, 1, "RowParallelLinear input_size"
         )
@@ -183,7 +270,10 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
         partial = F.linear(x, self.weight)  # [.., o], this rank's share of the sum over i
-        out = reduce_from_tensor_model_parallel_region(partial, self.tp_group)
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # [b,s/w,o]
+        else:
+            out = reduce_from_tensor_model_parallel_region(partial, self.tp_group)
         if self.skip_bias_add:
             return out, self.bias
         return out if self.bias is None else out + self.bias
@@ -192,7 +282,8 @@ class RowParallelLinear(nn.Module):
         return (
             f"input_size={self.input_size}, output_size={self.output_size}, "
             f"tp={self.tp_world_size}, bias={self.bias is not None}, "
-            f"input_is_parallel={self.input_is_parallel}, skip_bias_add={self.skip_bias_add}"
+            f"input_is_parallel={self.input_is_parallel}, skip_bias_add={self.skip_bias_add}, "
+            f"sequence_parallel={self.sequence_parallel}"
         )
 
 
@@ -300,3 +391,27 @@ def gather_full_parameters(
         else:
             full[name] = value.clone()
     return full
+
+
+def sum_sequence_parallel_gradients(module: nn.Module, tp_group: dist.ProcessGroup | None) -> None:
+    """Under sequence parallelism, sum the gradient of every replicated parameter of ``module`` over
+    ``tp_group``; a no-op without TP.
+
+    A replicated parameter applied to this rank's ``[b, s/w, h]`` slice (a LayerNorm's weight and
+    bias, a row-parallel bias) gets from backward the gradient of those ``s/w`` positions only. A
+    hook on the parameter adds the other ranks' shares before the gradient reaches ``.grad``, so
+    every consumer (gradient clipping, the optimizer, DeepSpeed's data-parallel reduction and ZeRO
+    partitioning) sees the whole sequence's gradient, identical on the TP ranks, with no step of
+    its own. Such parameters are marked ``sequence_parallel = True`` (Megatron's attribute); a
+    marked one is not hooked twice. Partitioned parameters are left alone.
+    """
+    _, world_size = get_tensor_model_parallel_rank_and_size(tp_group)
+    if world_size == 1:
+        return
+    for param in module.parameters():
+        if getattr(param, "tensor_model_parallel", False) or getattr(
+            param, "sequence_parallel", False
+        ):
+            continue
+        param.register_hook(functools.partial(all_reduce_sum, group=tp_group))
+        param.sequence_parallel = True  # type: ignore[attr-defined]

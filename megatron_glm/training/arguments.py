@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_glm.config.data import DataConfig, add_data_args
+from megatron_glm.config.data import DataConfig, add_data_args, plan_for_raw_length
 from megatron_glm.config.model import ARCHITECTURE_FLAGS, ATTENTION_BACKENDS, PRESETS, GLMConfig
 from megatron_glm.config.training import LOSS_NORMALIZATIONS, LR_DECAY_STYLES, TrainingConfig
 from megatron_glm.data.tokenizers import GLMTokenizer
@@ -147,6 +147,14 @@ def build_parser(*, finetune: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default 1")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron sequence parallelism: split the LayerNorm/dropout/residual activations "
+        "along the sequence over the TP ranks (less activation memory; at dropout 0 the same "
+        "numbers as without); needs tensor-model-parallel-size > 1 and a model input length "
+        "divisible by it (docs/parallelism.md#sequence-parallelism)",
+    )
 
     g = p.add_argument_group("iterations and learning rate")
     g.add_argument("--train-iters", type=int, default=None, required=False)
@@ -321,6 +329,8 @@ def _model_config(
     values.update(explicit)
     if args.checkpoint_activations:
         values["checkpoint_activations"] = True
+    if args.sequence_parallel:
+        values["sequence_parallel"] = True
     if "vocab_size" not in explicit and tokenizer_vocab is not None:
         values["vocab_size"] = tokenizer_vocab
     values.setdefault("max_sequence_length", args.seq_length)
@@ -370,6 +380,52 @@ def _check_layout(model: GLMConfig, tp: int, pp: int, world_size: int, problems:
             f"world size {world_size} is not divisible by tensor-model-parallel-size "
             f"{tp} * pipeline-model-parallel-size {pp} = {tp * pp}"
         )
+
+
+def _configure_sequence_parallel(
+    model: GLMConfig,
+    data: DataConfig | None,
+    ds: ResolvedDSConfig | None,
+    tp: int,
+    pp: int,
+    problems: list[str],
+    notes: list[str],
+) -> None:
+    """--sequence-parallel: the model input length must split over the TP ranks, and a pipeline
+    must send each rank's own sequence slice between stages (set in ``ds.config``)."""
+    if not model.sequence_parallel or tp < 1 or pp < 1:
+        return
+    if tp == 1:
+        notes.append("--sequence-parallel has no effect at tensor-model-parallel-size 1")
+        return
+    if data is not None and data.input_length % tp:
+        plan = data.shape_plan
+        fitting = next(
+            (
+                f"; --seq-length {n} gives {length}"
+                for n in range(plan.raw_length + 1, plan.raw_length + 64 * tp)
+                if (length := plan_for_raw_length(n, data.infilling).input_length) % tp == 0
+            ),
+            "",
+        )
+        problems.append(
+            f"--sequence-parallel splits the model input of {plan.input_length} tokens "
+            f"(--seq-length {plan.raw_length} + 2 x {plan.max_spans} for the blanks) over "
+            f"tensor-model-parallel-size {tp}, which does not divide it{fitting}"
+        )
+    if pp > 1 and ds is not None:
+        # DeepSpeed's PipelineEngine by default sends 1/tp of a stage's output from each TP rank
+        # and all-gathers it on arrival, taking the activation to be the same on every TP rank;
+        # under sequence parallelism each rank holds a different slice, so send it whole.
+        pipeline = ds.config.setdefault("pipeline", {})
+        forced = [k for k in ("pipe_partitioned", "grad_partitioned") if pipeline.get(k)]
+        if forced:
+            problems.append(
+                f"--sequence-parallel with pipeline-model-parallel-size {pp}: the DeepSpeed "
+                f"config sets pipeline.{' and pipeline.'.join(forced)} true, which splits "
+                "stage outputs over the TP ranks as if they were replicated; remove it"
+            )
+        pipeline.update(pipe_partitioned=False, grad_partitioned=False)
 
 
 def _check_data(
@@ -589,8 +645,10 @@ def build_run_config(
         needed_vocab = tokenizer_vocab + 2 * (data.shape_plan.max_spans - 1)
     model = _model_config(args, needed_vocab, problems)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    notes = list(compat.notes)
     if model is not None:
         _check_layout(model, tp, pp, world_size, problems)
+        _configure_sequence_parallel(model, data, ds, tp, pp, problems, notes)
         if needed_vocab is not None and needed_vocab > model.vocab_size:
             sentinels = (
                 ""
@@ -624,7 +682,7 @@ def build_run_config(
         world_size=world_size,
         failure=failure,
         dialect=compat.dialect,
-        notes=compat.notes,
+        notes=notes,
         task=task,
     )
 

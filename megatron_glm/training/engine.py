@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_glm.config import GLMConfig
+from megatron_glm.kernels.host import keep_freed_memory
 from megatron_glm.model import GLMModel, param_groups_for_weight_decay
 from megatron_glm.parallel.random import model_parallel_seed
 from megatron_glm.tasks.base import MODEL_INPUTS, MicroBatch, Task
@@ -240,6 +241,8 @@ class Trainer:
         self.task = task
         self.guard = guard
         self.device = _device()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of faulting them in every step
         self.pipelined = groups.pp_size > 1
         self.tp_group = groups.tp_group if groups.tp_size > 1 else None
         self.gas = run.ds.gradient_accumulation_steps

@@ -19,6 +19,11 @@ first stage. The last stage's copy of the embedding keeps only the word table (t
 are dropped there: they would be parameters without gradients). Activation checkpointing wraps
 each ``LayerPipe`` with ``megatron_glm.parallel.random.checkpoint`` (RNG-tracked recompute), not
 DeepSpeed's own checkpointing, so every layout recomputes under the same RNG rules.
+
+With sequence parallelism (docs/parallelism.md#sequence-parallelism) ``hidden`` is each TP rank's
+``[b, s/w, h]`` slice from the embedding's output to the head's gather, stage boundaries included
+(the run configuration turns off DeepSpeed's splitting of stage outputs over the TP ranks, which
+takes them to be replicated).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from megatron_glm.config import GLMConfig
 from megatron_glm.kernels import prepare_attention_mask
 from megatron_glm.model import GLMEmbedding, GLMLayer, make_replicated_layer_norm
 from megatron_glm.model import parallel_lm_logits as _lm_logits
+from megatron_glm.parallel import sum_sequence_parallel_gradients
 from megatron_glm.parallel.random import checkpoint
 
 Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -117,8 +123,11 @@ class EmbeddingPipe(GLMEmbedding):
 
 
 def lm_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """The tied head on the last stage: ``[b, s, h]`` -> vocab-parallel logits ``[b, s, v/w]``."""
-    return _lm_logits(hidden, embedding.word_embeddings_weight, embedding.tp_group)
+    """The tied head on the last stage: ``[b, s, h]`` (``[b, s/w, h]`` under sequence
+    parallelism) -> vocab-parallel logits ``[b, s, v/w]``."""
+    return _lm_logits(
+        hidden, embedding.word_embeddings_weight, embedding.tp_group, embedding.sequence_parallel
+    )
 
 
 class LayerPipe(GLMLayer):
@@ -131,9 +140,13 @@ class LayerPipe(GLMLayer):
         self.checkpoint_activations = config.checkpoint_activations
         self.attention_backend = config.attention_backend
         self.dropout_active = config.attention_dropout > 0.0
+        # under sequence parallelism ``hidden`` holds 1/w of the sequence attention sees
+        self.sequence_shards = dist.get_world_size(tp_group) if self.sequence_parallel else 1
+        if config.sequence_parallel:
+            sum_sequence_parallel_gradients(self, tp_group)
 
     def _run(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
-        s = hidden.shape[1]
+        s = hidden.shape[1] * self.sequence_shards
         mask = prepare_attention_mask(
             sep, s, s, self.attention_backend, self.training and self.dropout_active
         )
@@ -151,9 +164,11 @@ class LayerPipe(GLMLayer):
 class FinalLayerNormPipe(nn.Module):
     """``transformer.final_layernorm``: ``(hidden, position_ids, sep)`` -> ``hidden``."""
 
-    def __init__(self, config: GLMConfig) -> None:
+    def __init__(self, config: GLMConfig, tp_group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.final_layernorm = make_replicated_layer_norm(config)
+        if config.sequence_parallel:
+            sum_sequence_parallel_gradients(self, tp_group)
 
     def forward(self, inputs: Activations) -> torch.Tensor:
         return self.final_layernorm(inputs[0])
@@ -188,7 +203,7 @@ def build_pipeline_module(config: GLMConfig, groups: Any, loss_fn: Callable[...,
     ]
     specs += [LayerSpec(LayerPipe, config, i, tp_group) for i in range(config.num_layers)]
     specs += [
-        LayerSpec(FinalLayerNormPipe, config),
+        LayerSpec(FinalLayerNormPipe, config, tp_group),
         TiedLayerSpec(
             TIED_KEY,
             EmbeddingPipe,

@@ -24,6 +24,7 @@ NORM_RTOL = 1e-4
 # name -> (world size, extra flags, DeepSpeed batch/ZeRO settings)
 LAYOUTS: dict[str, tuple[int, list[str], dict[str, Any]]] = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"], {"micro": 4}),
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], {"micro": 4}),
     "pp2_gas4": (2, ["--pipeline-model-parallel-size", "2"], {"micro": 1, "gas": 4}),
     "dp2_recompute": (2, ["--checkpoint-activations"], {"micro": 2}),
     "tp2_pp2_recompute": (
@@ -33,6 +34,18 @@ LAYOUTS: dict[str, tuple[int, list[str], dict[str, Any]]] = {
             "2",
             "--pipeline-model-parallel-size",
             "2",
+            "--checkpoint-activations",
+        ],
+        {"micro": 2, "gas": 2},
+    ),
+    "tp2_pp2_sp_recompute": (
+        4,
+        [
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--sequence-parallel",
             "--checkpoint-activations",
         ],
         {"micro": 2, "gas": 2},

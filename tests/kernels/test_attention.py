@@ -128,7 +128,7 @@ def test_bf16_backends_match_dense_within_tolerance(backend: str) -> None:
 def test_auto_is_sdpa_on_cpu_and_prepared_mask_is_reused() -> None:
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda"), dropout_active=True) == "sdpa"
-    assert resolve_backend("auto", torch.device("cpu"), dropout_active=True) == "dense"
+    assert resolve_backend("auto", torch.device("cpu"), dropout_active=True) == "fused"
     q, k, v = _inputs(2, 2, 6, 6, 8)
     sep = torch.tensor([2, 5])
     mask = prepare_attention_mask(sep, 6, 6, "auto")
@@ -183,3 +183,92 @@ def test_bad_inputs_raise_value_errors_with_values() -> None:
         attention(q, k, v, sep, backend="flash")
     with pytest.raises(ValueError, match="dropout_p"):
         attention(q, k, v, sep, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("sq,sk,sep", CASES)
+def test_fused_matches_dense_forward_and_backward_fp32(
+    sq: int, sk: int, sep: list[int], recompute: bool
+) -> None:
+    q, k, v = _inputs(2, 3, sq, sk, 16, seed=4)
+    sep_t = torch.tensor(sep)
+    outs, grads = [], []
+    for backend in ("dense", "fused"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, sep_t, backend=backend, training=True, recompute=recompute)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _fused_with_dropout(
+    leaves: list[torch.Tensor], sep: torch.Tensor, p: float, recompute: bool, seed: int
+) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return attention(*leaves, sep, backend="fused", dropout_p=p, training=True, recompute=recompute)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_dropout_is_the_formula_with_its_mask(recompute: bool) -> None:
+    """float64: the fused output and gradients equal autograd of softmax -> mask * scale -> @ v
+    with the mask the generator gives for the same seed, so the fused backward is right."""
+    from megatron_glm.kernels.dropout import keep_bits
+
+    q, k, v = (t.double() for t in _inputs(2, 3, 12, 12, 8, seed=5))
+    sep, p, seed = torch.tensor([4, 12]), 0.3, 11
+    weights = torch.linspace(-1, 1, q.numel(), dtype=q.dtype).view_as(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _fused_with_dropout(leaves, sep, p, recompute, seed)
+    state = torch.get_rng_state()
+    (out * weights).sum().backward()
+    assert torch.equal(state, torch.get_rng_state())  # backward replays, never draws
+
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = ref_leaves
+    scores = rq @ (rk / math.sqrt(8)).transpose(-1, -2)
+    scores = scores.masked_fill(~allowed_mask(sep, 12, 12), -65504.0)
+    torch.manual_seed(seed)
+    bits, scale = keep_bits(scores.shape, p, scores.dtype)
+    assert 0 < (bits == 0).sum() < bits.numel()
+    ref = (torch.softmax(scores, -1) * (bits != 0) * scale) @ rv
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_recompute_changes_nothing_but_memory_bf16() -> None:
+    q, k, v = _inputs(2, 4, 32, 32, 16, dtype=torch.bfloat16, seed=6)
+    sep = torch.tensor([9, 20])
+    results = []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _fused_with_dropout(leaves, sep, 0.1, recompute, seed=2)
+        out.float().sum().backward()
+        results.append([out, *(t.grad for t in leaves)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_in_place_softmax_equals_torch_softmax() -> None:
+    # the fused backend normalises the scores in place through torch._softmax(out=input)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (5 * torch.randn(2, 3, 17, 65)).to(dtype)
+        expected = torch.softmax(x, -1)
+        torch._softmax(x, -1, False, out=x)
+        assert torch.equal(x, expected)
+
+
+def test_auto_takes_fused_for_16_bit_inputs_on_cpu() -> None:
+    sep = torch.tensor([3, 7])
+    mask = prepare_attention_mask(sep, 8, 8, "auto")
+    assert mask.backend == "sdpa" and mask.auto
+    for dtype, backend in ((torch.bfloat16, "fused"), (torch.float32, "sdpa")):
+        q, k, v = _inputs(2, 2, 8, 8, 16, dtype=dtype, seed=7)
+        with torch.no_grad():
+            got = attention(q, k, v, sep, mask=mask)
+            want = attention(q, k, v, sep, backend=backend)
+        assert torch.equal(got, want), dtype

@@ -55,21 +55,47 @@ def test_bias_gelu_bf16_within_tolerance() -> None:
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("training,prob", [(True, 0.0), (False, 0.3), (True, 0.3)])
-def test_bias_dropout_add_matches_reference(training: bool, prob: float) -> None:
+@pytest.mark.parametrize("training,prob", [(True, 0.0), (False, 0.3)])
+def test_bias_dropout_add_without_dropout_is_the_sum(training: bool, prob: float) -> None:
     x, bias, residual = _leaves((2, 3, 8), (8,), (2, 3, 8))
-    torch.manual_seed(5)
     out = bias_dropout_add(x, bias, residual, prob, training)
+    torch.testing.assert_close(out, bias_dropout_add_reference(x, bias, residual, prob, training))
+    torch.testing.assert_close(out, residual + x + bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_dropout_add_with_dropout_uses_the_bitwise_mask(dtype: torch.dtype) -> None:
+    """residual + mask * scale * (x + bias) with the mask keep_bits draws for the same seed, and
+    the gradients of that expression (x and bias through the mask, residual untouched)."""
+    from megatron_glm.kernels.dropout import keep_bits
+
+    x, bias, residual = _leaves((4, 5, 16), (16,), (4, 5, 16), dtype=dtype)
     torch.manual_seed(5)
-    ref = bias_dropout_add_reference(x, bias, residual, prob, training)
-    torch.testing.assert_close(out, ref)
-    if prob == 0.0 or not training:
-        torch.testing.assert_close(out, residual + x + bias)
-    else:
-        dropped = (out - residual).detach() == 0
-        assert 0 < dropped.float().mean() < 1  # some, not all, elements dropped
-        kept = ~dropped
-        torch.testing.assert_close((out - residual)[kept], ((x + bias) / (1 - prob))[kept])
+    out = bias_dropout_add(x, bias, residual, 0.3, True)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out).to(dtype)
+    grads = torch.autograd.grad((out * weights).sum(), [x, bias, residual])
+    torch.manual_seed(5)
+    bits, scale = keep_bits(x.shape, 0.3, dtype)
+    kept = bits != 0
+    assert 0 < kept.sum() < kept.numel()
+    x_, bias_, residual_ = (t.detach().clone().requires_grad_() for t in (x, bias, residual))
+    ref = residual_ + (x_ + bias_) * kept * scale
+    want = torch.autograd.grad((ref * weights).sum(), [x_, bias_, residual_])
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out, ref, **tol)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, **tol)
+
+
+def test_aten_gelu_matches_reference() -> None:
+    bias, y = _leaves((16,), (3, 5, 16))
+    out = bias_gelu(bias, y, impl="aten")
+    grads = torch.autograd.grad(out.sum(), [bias, y])
+    ref = bias_gelu_reference(bias, y)
+    want = torch.autograd.grad(ref.sum(), [bias, y])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bias_dropout_add_compiled_without_dropout() -> None:

@@ -197,6 +197,25 @@ def test_activation_checkpointing_gives_same_loss_and_grads(chunk: int) -> None:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_recomputation_changes_nothing_but_memory(dtype: torch.dtype) -> None:
+    """recompute_attention_core on or off: the same loss and gradients bit for bit, dropout on
+    (the mask replayed in backward is the forward's)."""
+    results = []
+    for recompute in (True, False):
+        config = GLMConfig.from_preset(
+            "tiny", attention_backend="fused", recompute_attention_core=recompute
+        )
+        model = GLMModel(config).to(dtype).train()
+        ids, pos, sep = batch(config)
+        model_parallel_seed(3, 0)  # both streams: the default and the tracker's
+        out = model(ids, pos, sep)
+        out.float().square().mean().backward()
+        results.append([out.detach(), *(p.grad for p in model.parameters())])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_backends_and_fused_ops_agree_inside_the_model() -> None:
     ids, pos, sep = batch(tiny())
     reference = GLMModel(
@@ -204,7 +223,11 @@ def test_backends_and_fused_ops_agree_inside_the_model() -> None:
     )
     expected = reference(ids, pos, sep)
     expected.square().mean().backward()
-    for overrides in ({"attention_backend": "sdpa"}, {"attention_backend": "dense"}):
+    for overrides in (
+        {"attention_backend": "sdpa"},
+        {"attention_backend": "dense"},
+        {"attention_backend": "fused"},
+    ):
         model = GLMModel(tiny(**overrides))  # fused ops on
         out = model(ids, pos, sep)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
