@@ -89,8 +89,6 @@ class TrainingHooks:
             hook(iteration, tag_dir)
 
 
-
-
 def _loader(
     run: RunConfig,
     groups: Any,
