@@ -11,7 +11,9 @@ best checkpoint kept in ``<save>/best``, and the final metrics in ``<save>/resul
 
 Every pretraining flag applies (model, layout, schedule, checkpoints, tokenizer); the task flags
 keep the official names. The command line and the task's files are validated before any process
-group exists (every problem at once, exit status 2). docs/finetuning.md is the reference.
+group exists (every problem at once, exit status 2). The job runs like pretrain_glm.py's: the
+``--save`` lock, SIGTERM/SIGINT saving and exiting 0, the exit statuses of
+docs/failure-semantics.md. docs/finetuning.md is the reference.
 """
 
 from __future__ import annotations
@@ -22,11 +24,7 @@ from pretrain_glm import _setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_glm.training.launch import (
-        discover_launch_env,
-        init_distributed,
-        shutdown_distributed,
-    )
+    from megatron_glm.training.launch import discover_launch_env
 
     try:
         launch = discover_launch_env()
@@ -53,23 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
 
-    from megatron_glm.conversion import CheckpointError
-    from megatron_glm.tasks.data import TaskDataError
     from megatron_glm.tasks.finetune import finetune
-    from megatron_glm.training.checkpointing import LoadDirError
+    from megatron_glm.training.job import run_job
 
-    init_distributed(run.training.distributed_backend)
-    finished = False
-    try:
-        finetune(run)
-        finished = True
-    except (CheckpointError, LoadDirError, TaskDataError) as err:
-        if launch.rank == 0:
-            print(f"finetune_glm.py: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed(synchronize=finished)
-    return 0
+    return run_job(run, launch, finetune, "finetune_glm.py")
 
 
 if __name__ == "__main__":

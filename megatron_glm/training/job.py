@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch.distributed as dist
 
@@ -67,19 +68,26 @@ def claim_save_dir(save: str | None) -> Iterator[RunLock | None]:
             lock.release()
 
 
-def _report(rank: int, message: str, *, every_rank: bool = False) -> None:
-    if every_rank or rank == 0:
-        print(f"pretrain_glm.py: {message}", file=sys.stderr, flush=True)
-
-
-def run_job(run: RunConfig, launch: LaunchEnv) -> int:
-    """Train ``run``; returns the exit status. Every rank calls it, after ``build_run_config``.
+def run_job(
+    run: RunConfig,
+    launch: LaunchEnv,
+    train: Callable[[RunConfig], Any] | None = None,
+    program: str = "pretrain_glm.py",
+) -> int:
+    """Train ``run`` with ``train`` (pretraining when None; ``tasks.finetune.finetune`` for
+    finetune_glm.py); returns the exit status. Every rank calls it, after ``build_run_config``.
+    Messages are prefixed with ``program``.
 
     The launcher is watched only when there is one: a lone ``python pretrain_glm.py`` started
     with ``nohup`` must outlive its shell."""
     from megatron_glm.conversion import CheckpointError
+    from megatron_glm.tasks.data import TaskDataError
     from megatron_glm.training.checkpointing import LoadDirError
     from megatron_glm.training.loop import pretrain
+
+    def _report(rank: int, message: str, *, every_rank: bool = False) -> None:
+        if every_rank or rank == 0:
+            print(f"{program}: {message}", file=sys.stderr, flush=True)
 
     if launch.launcher != "single":
         watch_launcher()
@@ -91,14 +99,14 @@ def run_job(run: RunConfig, launch: LaunchEnv) -> int:
     agreed = False  # every rank ends the same way: the final barrier is safe
     try:
         with claim_save_dir(run.training.save):
-            pretrain(run)
+            (train or pretrain)(run)
         agreed = True
         return ExitCode.OK
     except TrainingBroken as err:
         agreed = True
         _report(rank, str(err))
         return ExitCode.BROKEN
-    except (CheckpointError, LoadDirError, SaveDirError) as err:
+    except (CheckpointError, LoadDirError, SaveDirError, TaskDataError) as err:
         # found on every rank alike (rank 0 read the files and told the others): a user error
         # like those of the command line, so the same exit status
         agreed = True

@@ -118,19 +118,21 @@ def _trainer_update_vetoed(
     rank: int, world_size: int, argvs: dict[str, list[str]]
 ) -> dict[str, tuple[list[int], bool, bool, float]]:
     from megatron_glm.parallel.topology import ParallelTopology
+    from megatron_glm.tasks.pretraining import GLMPretraining
     from megatron_glm.training.arguments import parse_run_config
     from megatron_glm.training.engine import Trainer
-    from megatron_glm.training.loop import _data, _loader
+    from megatron_glm.training.loop import _loader
 
     os.environ[FAULT_ENV] = f"step.loss:nan@rank=1,iteration={NAN_ITERATION}"
     out = {}
     for name, argv in argvs.items():
         run = parse_run_config(argv, world_size)
         groups = ParallelTopology(world_size, 1, 1).build_groups(rank)
-        train_ds, _, collator = _data(run, groups)
+        task = GLMPretraining(run)
+        data = task.build_data(groups)
         guard = StepGuard(run.failure, run.ds.precision, lambda: False)
-        trainer = Trainer(run, groups, guard)
-        batches = _loader(run, groups, train_ds, collator, 0, 0)
+        trainer = Trainer(run, groups, task, guard)
+        batches = _loader(run, groups, data.train, data.collator, 0, 0)
         params = trainer.engine.module.parameters
         for iteration in range(1, NAN_ITERATION + 1):
             guard.begin(iteration)
