@@ -30,12 +30,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from megatron_glm.atomic_files import replacing
 from megatron_glm.config.data import DataConfig
 from megatron_glm.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 from megatron_glm.integrity import record_files, record_problems
@@ -252,16 +252,8 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write through ``write(file)`` to a temporary file in the same directory, then rename:
     readers never see a partial file, and concurrent writers (ranks, workers) of identical
     content are harmless."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _write_cache(paths: dict[str, str], arrays: dict[str, np.ndarray], record: str) -> None:

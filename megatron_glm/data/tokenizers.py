@@ -758,10 +758,9 @@ def write_dataset_tokenizer(prefix: str, tokenizer: GLMTokenizer, spec: Tokenize
         "flags": {k: v for k, v in dataclasses.asdict(spec).items() if v not in (None, False)},
         **tokenizer.identity(),
     }
-    path = prefix + DATASET_TOKENIZER_SUFFIX
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from megatron_glm.atomic_files import atomic_write_text
+
+    atomic_write_text(Path(prefix + DATASET_TOKENIZER_SUFFIX), json.dumps(record, indent=1))
 
 
 def dataset_tokenizer_problem(prefix: str, tokenizer: GLMTokenizer) -> str | None:

@@ -211,7 +211,7 @@ def write_results(
     save: str, task: str, split: str, metrics: dict[str, float], **extra: Any
 ) -> Path:
     """``<save>/results.json``: ``{"task", "split", "metrics"}`` and ``extra``."""
-    from megatron_glm.training.checkpointing import atomic_write_text
+    from megatron_glm.atomic_files import atomic_write_text
 
     path = Path(save) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_glm.atomic_files import atomic_write_text, fsync_dir, replacing
 from megatron_glm.config import GLMConfig
 from megatron_glm.conversion.canonical import CheckpointError, config_problems
 from megatron_glm.conversion.files import read_json_object, weights_only_load
@@ -75,53 +74,9 @@ def rng_file_name(rank: int) -> str:
     return f"rng_state_rank{rank:05d}.pt"
 
 
-def temp_file_for(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    return fd, tmp
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old or the new content, never a mix."""
-    fd, tmp = temp_file_for(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not supported on every filesystem; rename atomicity is what matters
-    finally:
-        os.close(fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = temp_file_for(path)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def versions() -> dict[str, str]:
@@ -580,7 +535,7 @@ def save_checkpoint(
     fault_point("save.before_publish", rank=rank, iteration=iteration)
     records = _record_files(tag_dir, rank, world_size)
     if rank == 0:
-        _fsync_dir(tag_dir)
+        fsync_dir(tag_dir)
         manifest = Manifest(
             iteration=iteration,
             consumed_samples=consumed_samples,

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_glm.atomic_files import atomic_write_text
 from megatron_glm.parallel.random import get_all_rng_states, set_all_rng_states
 from megatron_glm.parallel.topology import ParallelTopology
 from megatron_glm.tasks.base import Task, TaskData
@@ -45,7 +46,6 @@ from megatron_glm.training.arguments import BEST_DIR, RunConfig, own_outputs
 from megatron_glm.training.checkpointing import (
     CheckpointRef,
     LoadDirError,
-    atomic_write_text,
     checkpoint_to_resume,
     load_checkpoint,
     protect_checkpoint,

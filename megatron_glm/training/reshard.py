@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -345,17 +344,10 @@ def _loss_scaler_state(engine: Any) -> dict[str, Any] | None:
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from megatron_glm.training.checkpointing import temp_file_for
+    from megatron_glm.atomic_files import replacing
 
-    fd, tmp = temp_file_for(path)  # a temp file with the usual permissions, in path's directory
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_layout_free_state(
@@ -434,7 +426,7 @@ def save_layout_free_state(
             "loss_scaler": _loss_scaler_state(engine),
             "model": config["model"],
         }
-        from megatron_glm.training.checkpointing import atomic_write_text
+        from megatron_glm.atomic_files import atomic_write_text
 
         atomic_write_text(out_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
     written = path.stat().st_size
