@@ -14,20 +14,25 @@ not against a straw man:
 
 Parameter names are the canonical ones, so ``Baseline(config).load_state_dict(model.state_dict())``
 takes a ``GLMModel``'s weights; ``tests/model/test_baseline.py`` checks the two agree in fp32
-without dropout. Shape legend: b batch, s sequence, h hidden, n heads, d head dim, v vocab.
+without dropout. Where torch has no bf16 matrix product for the CPU (AVX2 only), ``ProductsInFp32``
+gives the baseline the same fp32-arithmetic products the model uses there
+(megatron_glm/kernels/matmul.py) instead of torch's ~40x slower fallback loop. Shape legend: b batch, s sequence, h hidden, n heads, d head dim, v vocab.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from megatron_glm.config import GLMConfig
+from megatron_glm.kernels.matmul import linear, matmul
 
-__all__ = ["Baseline", "baseline_loss"]
+__all__ = ["Baseline", "ProductsInFp32", "baseline_loss"]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +126,22 @@ class Baseline(nn.Module):
         for layer in t.layers:
             x = layer(x, ltor_mask)
         return F.linear(t.final_layernorm(x), self.word_embeddings.weight)  # [b, s, v]
+
+
+class ProductsInFp32(TorchFunctionMode):
+    """Inside it, ``F.linear`` and ``torch.matmul`` (the baseline's only products) run through
+    ``megatron_glm.kernels.matmul``, which computes 16-bit products in fp32 where torch has no fast
+    16-bit product for the CPU and leaves every other product to torch."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and not kwargs:
+            return matmul(*args)
+        return func(*args, **kwargs)
 
 
 def baseline_loss(

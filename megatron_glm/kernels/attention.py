@@ -29,6 +29,8 @@ backend decides how to apply it:
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse ``BlockMask`` built from the
   same predicate, compiled on CUDA. No attention dropout; on CPU it runs the unfused forward only
   (torch has no CPU backward for it) - use it on CPU for checks, not training.
+- Every backend but ``sdpa`` and ``flex`` multiplies through ``kernels.matmul``: on a CPU where
+  torch has no fast bf16 product it computes bf16 products in fp32 (rounded once).
 - ``auto``: ``flex`` on CUDA when dropout is inactive; on CPU ``fused`` while attention dropout is
   active (``resolve_backend`` says why) and for 16-bit inputs (decided per call from the dtype);
   else ``sdpa``.
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm.kernels.dropout import apply_keep_bits_, keep_bits
+from megatron_glm.kernels.matmul import matmul
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +235,11 @@ def _dense(
     training: bool,
 ) -> torch.Tensor:
     # Official order: scale k before the product (keeps fp16 scores in range).
-    scores = torch.matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
+    scores = matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
     scores = scores.masked_fill(~allowed, MASK_VALUE)
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout_p, training=training)
-    return torch.matmul(probs, v)  # [b, n, sq, d]
+    return matmul(probs, v)  # [b, n, sq, d]
 
 
 def _masked_softmax(q: torch.Tensor, k: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
@@ -244,7 +247,7 @@ def _masked_softmax(q: torch.Tensor, k: torch.Tensor, additive: torch.Tensor) ->
 
     The mask is added (0 or -65504, broadcast over heads) rather than ``masked_fill``ed: the add
     is vectorised, a bool-masked fill is not (10x slower on CPU)."""
-    scores = torch.matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
+    scores = matmul(q, (k / math.sqrt(q.shape[-1])).transpose(-1, -2))  # [b, n, sq, sk]
     scores.add_(additive)
     # In place (checked equal to torch.softmax by tests/kernels/test_attention.py): the CPU
     # kernel reads a row before writing it, so no second [b, n, sq, sk] buffer is needed.
@@ -284,7 +287,7 @@ class _FusedAttention(torch.autograd.Function):
             bits, scale = keep_bits(probs.shape, dropout_p, probs.dtype, probs.device)
             # Recomputation rebuilds probs in backward; otherwise backward needs them intact.
             kept = apply_keep_bits_(probs if recompute else probs.clone(), bits)
-        out = torch.matmul(kept, v)  # [b, n, sq, d]
+        out = matmul(kept, v)  # [b, n, sq, d]
         if scale != 1.0:
             out.mul_(scale)
         ctx.recompute, ctx.dropout_p = recompute, dropout_p
@@ -308,7 +311,7 @@ class _FusedAttention(torch.autograd.Function):
             q, k, v, additive, probs, bits = ctx.saved_tensors
         if ctx.scale != 1.0:
             grad_out = grad_out * ctx.scale
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))  # [b, n, sq, sk]
+        grad_probs = matmul(grad_out, v.transpose(-1, -2))  # [b, n, sq, sk]
         if bits is not None:
             apply_keep_bits_(grad_probs, bits)
         # softmax backward in place (the kernel finishes a row's dot product before writing it):
@@ -322,11 +325,11 @@ class _FusedAttention(torch.autograd.Function):
         if bits is not None:
             kept = apply_keep_bits_(probs if ctx.recompute else probs.clone(), bits)
         del bits, probs
-        grad_v = torch.matmul(kept.transpose(-1, -2), grad_out)  # [b, n, sk, d]
+        grad_v = matmul(kept.transpose(-1, -2), grad_out)  # [b, n, sk, d]
         del kept
         scale = 1.0 / math.sqrt(q.shape[-1])
-        grad_q = torch.matmul(grad_scores, k).mul_(scale)  # [b, n, sq, d]
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(scale)  # [b, n, sk, d]
+        grad_q = matmul(grad_scores, k).mul_(scale)  # [b, n, sq, d]
+        grad_k = matmul(grad_scores.transpose(-1, -2), q).mul_(scale)  # [b, n, sk, d]
         return grad_q, grad_k, grad_v, None, None, None
 
 

@@ -22,10 +22,10 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import GLMConfig
+from megatron_glm.kernels.matmul import linear
 from megatron_glm.model.init import initialize_parameters
 from megatron_glm.parallel import (
     VocabParallelEmbedding,
@@ -137,4 +137,4 @@ def parallel_lm_logits(
     if sequence_parallel:
         return linear_with_sequence_gather(hidden, word_embeddings_weight, None, tp_group)
     hidden = copy_to_tensor_model_parallel_region(hidden, tp_group)
-    return F.linear(hidden, word_embeddings_weight)  # [b, s, v/w]
+    return linear(hidden, word_embeddings_weight)  # [b, s, v/w]

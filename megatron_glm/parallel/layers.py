@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_glm.kernels.matmul import linear, linear_forward, matmul, matmul_tn
 from megatron_glm.parallel.mappings import (
     all_reduce_sum,
     copy_to_tensor_model_parallel_region,
@@ -102,7 +103,7 @@ class _LinearWithSequenceGather(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.group = group
         ctx.save_for_backward(x, weight)
-        return F.linear(gather_sequence(x, group), weight, bias)  # [b, s, o/w]
+        return linear_forward(gather_sequence(x, group), weight, bias)  # [b, s, o/w]
 
     @staticmethod
     def backward(
@@ -117,10 +118,10 @@ class _LinearWithSequenceGather(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if need_x:
             # each rank holds the gradient of its o/w outputs only: sum, and keep this rank's slice
-            grad_x = reduce_scatter_sequence(grad.matmul(weight.to(compute)), ctx.group)
+            grad_x = reduce_scatter_sequence(matmul(grad, weight.to(compute)), ctx.group)
         if need_weight:
             full = gather_sequence(x, ctx.group).to(compute)  # [b, s, i]
-            grad_weight = grad.flatten(0, -2).t().matmul(full.flatten(0, -2))  # [o/w, i]
+            grad_weight = matmul_tn(grad, full)  # [o/w, i]
         if need_bias:
             grad_bias = grad.flatten(0, -2).sum(dim=0)  # [o/w]
         return grad_x, grad_weight, grad_bias, None
@@ -136,7 +137,7 @@ def linear_with_sequence_gather(
     keeping only the slice for backward (gathered again there); the input gradient is summed over
     the ranks and split back (reduce-scatter). Plain ``F.linear`` without TP."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     return _LinearWithSequenceGather.apply(x, weight, bias, tp_group)
 
 
@@ -197,7 +198,7 @@ class ColumnParallelLinear(nn.Module):
             out = linear_with_sequence_gather(x, self.weight, bias, self.tp_group)  # [b, s, o/w]
         else:
             x = copy_to_tensor_model_parallel_region(x, self.tp_group)  # [.., i]
-            out = F.linear(x, self.weight, bias)  # [.., o/w]
+            out = linear(x, self.weight, bias)  # [.., o/w]
         if self.skip_bias_add:
             return out, self.bias
         if self.gather_output:
@@ -269,7 +270,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
-        partial = F.linear(x, self.weight)  # [.., o], this rank's share of the sum over i
+        partial = linear(x, self.weight)  # [.., o], this rank's share of the sum over i
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # [b,s/w,o]
         else:

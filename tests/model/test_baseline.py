@@ -4,10 +4,13 @@ ratios compare two implementations of one model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks.baseline import Baseline, baseline_loss
+from benchmarks.baseline import Baseline, ProductsInFp32, baseline_loss
 from megatron_glm import GLMConfig, GLMModel
+from megatron_glm.kernels import matmul as mm
 from megatron_glm.model import glm_loss
 from tests.model.test_glm import batch
 
@@ -36,3 +39,28 @@ def test_baseline_equals_model_fp32_without_dropout() -> None:
     grads = dict(baseline.named_parameters())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_products_in_fp32_route_the_baselines_bf16_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ProductsInFp32 the baseline's bf16 step makes its products through
+    megatron_glm.kernels.matmul (counted) and keeps torch's values within bf16 rounding."""
+    config = GLMConfig.from_preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    baseline = Baseline(config).to(torch.bfloat16)
+    ids, pos, sep = batch(config, b=2, s=12, seps=(5, 8))
+    monkeypatch.setenv(mm.ENV_VAR, "native")
+    plain = baseline(ids, pos, sep)
+    monkeypatch.setenv(mm.ENV_VAR, "fp32")
+    calls: list[str] = []
+    real_values, real_linear = mm._matmul_values, mm.linear_forward
+    monkeypatch.setattr(mm, "_matmul_values", lambda *a: calls.append("matmul") or real_values(*a))
+    monkeypatch.setattr(mm, "linear_forward", lambda *a: calls.append("linear") or real_linear(*a))
+    with ProductsInFp32():
+        routed = baseline(ids, pos, sep)
+    layers = config.num_layers
+    assert calls.count("linear") == 4 * layers + 1  # qkv, dense, h->4h, 4h->h; the LM head
+    assert calls.count("matmul") == 2 * layers  # scores and context
+    assert routed.dtype == torch.bfloat16
+    cos = F.cosine_similarity(routed.float().flatten(), plain.float().flatten(), dim=0).item()
+    assert cos > 0.999, cos
