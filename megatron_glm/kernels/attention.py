@@ -25,7 +25,9 @@ backend decides how to apply it:
   of the ``[b, n, sq, sk]`` probabilities. With ``recompute=True`` (Megatron's selective
   recomputation of the attention core, the model's default) only q, k, v and the generator state
   are kept for backward, which recomputes scores and softmax and replays the mask: nothing of size
-  ``[b, n, sq, sk]`` is held across the step. Without it the probabilities and the mask are kept.
+  ``[b, n, sq, sk]`` is held across the step, and forward and backward make the scores a few heads
+  of one sample at a time (at most 4M elements), never the whole ``[b, n, sq, sk]``. Without it
+  the probabilities and the mask are kept.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block-sparse ``BlockMask`` built from the
   same predicate, compiled on CUDA. No attention dropout; on CPU it runs the unfused forward only
   (torch has no CPU backward for it) - use it on CPU for checks, not training.
@@ -266,8 +268,25 @@ def _replay_generator(device: torch.device, state: torch.Tensor) -> torch.Genera
     return generator
 
 
+# With recomputation the scores are made for a few heads of one sample at a time, at most this many
+# elements: a whole [b, n, s, s] buffer is 128 MB in bf16 at b 2, 8 heads, s 2048 (and twice that
+# in backward), one head's 8 MB stays in cache between the product, the softmax and the dropout.
+_SCORE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _score_chunks(b: int, n: int, sq: int, sk: int, recompute: bool) -> list[tuple[Any, slice]]:
+    """``(sample, heads)`` index pairs covering ``[b, n]``; the whole at once without recompute
+    (its saved probabilities and mask are whole tensors anyway)."""
+    if not recompute:
+        return [(slice(None), slice(None))]
+    per = max(1, _SCORE_CHUNK_ELEMENTS // (sq * sk))
+    return [(i, slice(h, min(h + per, n))) for i in range(b) for h in range(0, n, per)]
+
+
 class _FusedAttention(torch.autograd.Function):
-    """The ``fused`` backend: dense attention with in-place masking, softmax and dropout."""
+    """The ``fused`` backend: dense attention with in-place masking, softmax and dropout, a chunk
+    of heads at a time with recomputation (``_score_chunks``); the dropout masks of the chunks are
+    drawn in order from one generator, which backward replays in the same order."""
 
     @staticmethod
     def forward(
@@ -279,15 +298,20 @@ class _FusedAttention(torch.autograd.Function):
         dropout_p: float,
         recompute: bool,
     ) -> torch.Tensor:
-        probs = _masked_softmax(q, k, additive)  # [b, n, sq, sk]
-        bits, scale, rng_state = None, 1.0, None
-        kept = probs
-        if dropout_p > 0.0:
-            rng_state = _generator_state(probs.device)  # to replay the draws in backward
-            bits, scale = keep_bits(probs.shape, dropout_p, probs.dtype, probs.device)
-            # Recomputation rebuilds probs in backward; otherwise backward needs them intact.
-            kept = apply_keep_bits_(probs if recompute else probs.clone(), bits)
-        out = matmul(kept, v)  # [b, n, sq, d]
+        b, n, sq, _ = q.shape
+        rng_state = _generator_state(q.device) if dropout_p > 0.0 else None
+        out = q.new_empty(b, n, sq, v.shape[-1])  # [b, n, sq, d]
+        probs = bits = None
+        scale = 1.0
+        for i, heads in _score_chunks(b, n, sq, k.shape[2], recompute):
+            probs = _masked_softmax(q[i, heads], k[i, heads], additive[i])  # [.., sq, sk]
+            kept = probs
+            if dropout_p > 0.0:
+                bits, scale = keep_bits(probs.shape, dropout_p, probs.dtype, probs.device)
+                # Recomputation rebuilds probs in backward; otherwise backward needs them intact.
+                kept = apply_keep_bits_(probs if recompute else probs.clone(), bits)
+            out[i, heads] = matmul(kept, v[i, heads])
+            del kept
         if scale != 1.0:
             out.mul_(scale)
         ctx.recompute, ctx.dropout_p = recompute, dropout_p
@@ -300,36 +324,45 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.recompute:
-            q, k, v, additive = ctx.saved_tensors
-            probs = _masked_softmax(q, k, additive)
-            bits = None
-            if ctx.rng_state is not None:
-                replay = _replay_generator(probs.device, ctx.rng_state)
-                bits, _ = keep_bits(probs.shape, ctx.dropout_p, probs.dtype, probs.device, replay)
-        else:
-            q, k, v, additive, probs, bits = ctx.saved_tensors
+        q, k, v, additive, *kept_for_backward = ctx.saved_tensors
+        b, n, sq, _ = q.shape
         if ctx.scale != 1.0:
             grad_out = grad_out * ctx.scale
-        grad_probs = matmul(grad_out, v.transpose(-1, -2))  # [b, n, sq, sk]
-        if bits is not None:
-            apply_keep_bits_(grad_probs, bits)
-        # softmax backward in place (the kernel finishes a row's dot product before writing it):
-        # grad_probs becomes the scores' gradient
-        grad_scores = torch._softmax_backward_data(
-            grad_probs, probs, -1, probs.dtype, grad_input=grad_probs
-        )
-        # Recomputed probs are this function's own, so they take the mask in place; saved ones
-        # are left intact (a retained graph may run backward again).
-        kept = probs
-        if bits is not None:
-            kept = apply_keep_bits_(probs if ctx.recompute else probs.clone(), bits)
-        del bits, probs
-        grad_v = matmul(kept.transpose(-1, -2), grad_out)  # [b, n, sk, d]
-        del kept
+        replay = None
+        if ctx.recompute and ctx.rng_state is not None:
+            replay = _replay_generator(q.device, ctx.rng_state)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        grad_q = matmul(grad_scores, k).mul_(scale)  # [b, n, sq, d]
-        grad_k = matmul(grad_scores.transpose(-1, -2), q).mul_(scale)  # [b, n, sk, d]
+        for i, heads in _score_chunks(b, n, sq, k.shape[2], ctx.recompute):
+            qc, kc, vc, grad_c = q[i, heads], k[i, heads], v[i, heads], grad_out[i, heads]
+            if ctx.recompute:
+                probs = _masked_softmax(qc, kc, additive[i])
+                bits = None
+                if replay is not None:
+                    bits, _ = keep_bits(
+                        probs.shape, ctx.dropout_p, probs.dtype, probs.device, replay
+                    )
+            else:
+                probs, bits = kept_for_backward
+            grad_probs = matmul(grad_c, vc.transpose(-1, -2))  # [.., sq, sk]
+            if bits is not None:
+                apply_keep_bits_(grad_probs, bits)
+            # softmax backward in place (the kernel finishes a row's dot product before writing
+            # it): grad_probs becomes the scores' gradient
+            grad_scores = torch._softmax_backward_data(
+                grad_probs, probs, -1, probs.dtype, grad_input=grad_probs
+            )
+            # Recomputed probs are this function's own, so they take the mask in place; saved
+            # ones are left intact (a retained graph may run backward again).
+            kept = probs
+            if bits is not None:
+                kept = apply_keep_bits_(probs if ctx.recompute else probs.clone(), bits)
+            del bits, probs
+            grad_v[i, heads] = matmul(kept.transpose(-1, -2), grad_c)  # [.., sk, d]
+            del kept
+            grad_q[i, heads] = matmul(grad_scores, kc).mul_(scale)  # [.., sq, d]
+            grad_k[i, heads] = matmul(grad_scores.transpose(-1, -2), qc).mul_(scale)  # [.., sk, d]
+            del grad_scores, grad_probs
         return grad_q, grad_k, grad_v, None, None, None
 
 

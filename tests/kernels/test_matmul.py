@@ -115,10 +115,12 @@ def test_fp32_weights_and_inputs_keep_torch_linear(mode) -> None:
     torch.testing.assert_close(mm.linear(x, w), F.linear(x, w), rtol=0, atol=0)
 
 
-def test_a_bf16_model_step_agrees_both_ways(mode) -> None:
-    """A tiny GLM in bf16 (attention dropout on, so the fused backend runs), one step each way:
-    the loss and every gradient agree within bf16 rounding of the step."""
-    config = GLMConfig.from_preset("tiny", hidden_dropout=0.0, attention_dropout=0.1)
+def test_a_bf16_model_step_is_as_close_to_fp32_both_ways(mode) -> None:
+    """A tiny GLM in bf16 (16-bit inputs take the fused attention backend), one step with torch's
+    bf16 products and one with fp32-arithmetic products, against the same weights in fp32: the
+    fp32-arithmetic step is at least as close to fp32 as torch's own bf16 step (both far closer
+    than bf16's precision would allow for a wrong product)."""
+    config = GLMConfig.from_preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     model = GLMModel(config).to(torch.bfloat16).train()
     b, s = 2, 24
@@ -131,21 +133,29 @@ def test_a_bf16_model_step_agrees_both_ways(mode) -> None:
     labels = torch.randint(0, config.vocab_size, (b, s), generator=g)
     loss_mask = (torch.arange(s) >= s // 2).float().expand(b, s)
 
-    def step(value: str) -> tuple[float, list[torch.Tensor]]:
-        mode(value)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks both ways
-        loss = glm_loss(model(ids, pos, sep), labels, loss_mask, None, loss_mask.sum())
+    def step(net: GLMModel) -> tuple[float, torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        loss = glm_loss(net(ids, pos, sep), labels, loss_mask, None, loss_mask.sum())
         loss.backward()
-        return loss.item(), [p.grad.float() for p in model.parameters() if p.grad is not None]
+        grads = [p.grad.float().flatten() for p in net.parameters() if p.grad is not None]
+        assert len(grads) == len(list(net.parameters()))
+        return loss.item(), torch.cat(grads)
 
-    loss_native, grads_native = step("native")
-    loss_fp32, grads_fp32 = step("fp32")
-    assert loss_fp32 == pytest.approx(loss_native, rel=0.01)
-    assert len(grads_fp32) == len(grads_native) == len(list(model.parameters()))
-    for got, want in zip(grads_fp32, grads_native):
-        cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
-        assert cos > 0.99, cos
+    mode("native")
+    loss_native, grads_native = step(model)
+    mode("fp32")
+    loss_fp32, grads_fp32 = step(model)
+    loss_ref, grads_ref = step(model.float())
+
+    def error(grads: torch.Tensor) -> float:
+        return ((grads - grads_ref).norm() / grads_ref.norm()).item()
+
+    assert error(grads_fp32) <= 1.25 * error(grads_native) + 1e-3, (
+        error(grads_fp32),
+        error(grads_native),
+    )
+    assert error(grads_native) < 0.05  # bf16 noise, not a wrong gradient
+    assert abs(loss_fp32 - loss_ref) <= 1.25 * abs(loss_native - loss_ref) + 1e-3
 
 
 @pytest.mark.parametrize("weight_shape", [(24, 56), (2, 3, 24, 56)])
