@@ -425,12 +425,18 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=REPO / "benchmarks" / "README.md")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the step section")
     parser.add_argument(
+        "--seqs",
+        type=int,
+        nargs="+",
+        help="sequence lengths of step/matmuls (default 512 1024 2048)",
+    )
+    parser.add_argument(
         "--update", action="store_true", help="rerun --sections into the existing --out JSON"
     )
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_cache"))
     args = parser.parse_args()
-    args.seqs = [1024] if args.quick else [512, 1024, 2048]
+    args.seqs = args.seqs or ([1024] if args.quick else [512, 1024, 2048])
     args.keep_seq = 1024
     args.warmup, args.steps = 1, 1 if args.quick else 2
     args.attention_seq = 1024
@@ -438,6 +444,7 @@ def main() -> None:
     args.e2e_iters = (2, 6) if args.quick else (3, 11)
 
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    command += f" --seqs {' '.join(map(str, args.seqs))}" if args.seqs != [512, 1024, 2048] else ""
     result: dict[str, Any] = {"command": command}
     if args.update and args.out.exists():  # keep the other sections of an earlier run
         result = json.loads(args.out.read_text(encoding="utf-8"))

@@ -36,7 +36,7 @@ from megatron_glm.training.compat import (
     train_iters_from_samples,
 )
 from megatron_glm.training.ds_config import ResolvedDSConfig, load_ds_json, resolve_ds_config
-from megatron_glm.training.guards import LOSS_SPIKE_ACTIONS, FailureConfig
+from megatron_glm.training.guards import FailureConfig, add_failure_args, failure_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -263,58 +263,13 @@ def build_parser(*, finetune: bool = False) -> argparse.ArgumentParser:
         help="with --dry-run: check the layout for this many processes (default: the launcher's)",
     )
 
-    _add_failure_args(p)
+    add_failure_args(p)
     add_data_args(p)  # --data-path --split --seq-length --seed --tokenizer-* and the GLM knobs
     add_compat_args(p)  # the official GLM's and Megatron's flags
     import deepspeed  # deferred: importing deepspeed is slow and only the parser needs it here
 
     deepspeed.add_config_arguments(p)
     return p
-
-
-def _add_failure_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("failures (docs/failure-semantics.md)")
-    defaults = FailureConfig()
-    g.add_argument(
-        "--max-skipped-steps",
-        type=int,
-        default=defaults.max_skipped_steps,
-        help="fp16: stop (exit status 3) after more than this many consecutive updates skipped "
-        "for overflow",
-    )
-    g.add_argument(
-        "--loss-spike-factor",
-        type=float,
-        default=None,
-        help="flag a loss above this multiple of the mean of the last --loss-spike-window "
-        "losses (default: off)",
-    )
-    g.add_argument("--loss-spike-window", type=int, default=defaults.loss_spike_window)
-    g.add_argument(
-        "--loss-spike-action",
-        choices=LOSS_SPIKE_ACTIONS,
-        default=defaults.loss_spike_action,
-        help="warn: log it; stop: exit with status 3 without saving that iteration",
-    )
-    g.add_argument(
-        "--distributed-timeout-minutes",
-        type=float,
-        default=defaults.distributed_timeout_minutes,
-        help="a collective that waits longer for a peer fails (exit status 5), naming the "
-        "ranks that were behind",
-    )
-
-
-def _failure_config(args: argparse.Namespace, problems: list[str]) -> FailureConfig:
-    failure = FailureConfig(
-        max_skipped_steps=args.max_skipped_steps,
-        loss_spike_factor=args.loss_spike_factor,
-        loss_spike_window=args.loss_spike_window,
-        loss_spike_action=args.loss_spike_action,
-        distributed_timeout_minutes=args.distributed_timeout_minutes,
-    )
-    problems.extend(failure.problems())
-    return failure
 
 
 def _model_config(
@@ -665,7 +620,7 @@ def build_run_config(
                 f"{longest[0]} {longest[1]} is larger than "
                 f"max-position-embeddings {model.max_sequence_length}"
             )
-    failure = _failure_config(args, problems)
+    failure = failure_config_from_args(args, problems)
     validation = training is not None and bool(training.eval_interval)
     if data is not None and check_data and not finetuning:
         _check_data(data, tokenizer, ("train", "valid") if validation else ("train",), problems)

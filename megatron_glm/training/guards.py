@@ -19,6 +19,7 @@ stop at the same iteration without another collective.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections import deque
@@ -234,3 +235,51 @@ class StepGuard:
         if self.rank == 0:
             logger.warning("iteration %d: %s", self.iteration, message)
         return None
+
+
+def add_failure_args(p: argparse.ArgumentParser) -> None:
+    """The command-line flags of :class:`FailureConfig` (pretrain_glm.py, finetune_glm.py)."""
+    g = p.add_argument_group("failures (docs/failure-semantics.md)")
+    defaults = FailureConfig()
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=defaults.max_skipped_steps,
+        help="fp16: stop (exit status 3) after more than this many consecutive updates skipped "
+        "for overflow",
+    )
+    g.add_argument(
+        "--loss-spike-factor",
+        type=float,
+        default=None,
+        help="flag a loss above this multiple of the mean of the last --loss-spike-window "
+        "losses (default: off)",
+    )
+    g.add_argument("--loss-spike-window", type=int, default=defaults.loss_spike_window)
+    g.add_argument(
+        "--loss-spike-action",
+        choices=LOSS_SPIKE_ACTIONS,
+        default=defaults.loss_spike_action,
+        help="warn: log it; stop: exit with status 3 without saving that iteration",
+    )
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=defaults.distributed_timeout_minutes,
+        help="a collective that waits longer for a peer fails (exit status 5), naming the "
+        "ranks that were behind",
+    )
+
+
+def failure_config_from_args(args: argparse.Namespace, problems: list[str]) -> FailureConfig:
+    """The flags of :func:`add_failure_args` as a config; what is wrong with them goes to
+    ``problems``."""
+    failure = FailureConfig(
+        max_skipped_steps=args.max_skipped_steps,
+        loss_spike_factor=args.loss_spike_factor,
+        loss_spike_window=args.loss_spike_window,
+        loss_spike_action=args.loss_spike_action,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
+    )
+    problems.extend(failure.problems())
+    return failure
