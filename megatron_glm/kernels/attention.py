@@ -34,8 +34,9 @@ backend decides how to apply it:
 - Every backend but ``sdpa`` and ``flex`` multiplies through ``kernels.matmul``: on a CPU where
   torch has no fast bf16 product it computes bf16 products in fp32 (rounded once).
 - ``auto``: ``flex`` on CUDA when dropout is inactive; on CPU ``fused`` while attention dropout is
-  active (``resolve_backend`` says why) and for 16-bit inputs (decided per call from the dtype);
-  else ``sdpa``.
+  active (``resolve_backend`` says why) and for 16-bit inputs (decided per call from the dtype),
+  except where 16-bit products are computed in fp32 (no AVX512): there 16-bit inputs without
+  dropout take ``sdpa`` on fp32 copies; else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm.kernels.dropout import apply_keep_bits_, keep_bits
-from megatron_glm.kernels.matmul import matmul
+from megatron_glm.kernels.matmul import gemm_in_fp32, matmul
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +434,14 @@ def attention(
     if mask.auto and concrete == "sdpa" and q.device.type == "cpu" and q.element_size() == 2:
         # torch's CPU SDPA kernel is 2x slower than fused in bf16 (benchmarks/README.md); in fp32
         # without dropout it is faster, so the dtype decides (known only here, not when the mask
-        # was prepared).
+        # was prepared). Where 16-bit products run in fp32 anyway (kernels.matmul: no AVX512),
+        # SDPA's fp32 kernel on fp32 copies is the fastest (q, k, v are small next to the scores
+        # it never writes); its output is rounded once.
+        if gemm_in_fp32(q):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask.dense
+            )  # [b, n, sq, d]
+            return out.to(q.dtype)
         concrete = "fused"
     if concrete == "dense":
         return _dense(q, k, v, mask.dense, dropout_p, training)

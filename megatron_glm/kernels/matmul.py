@@ -25,11 +25,14 @@ matrix dimensions.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ENV_VAR", "gemm_in_fp32", "linear", "linear_forward", "matmul", "matmul_tn"]
 
@@ -45,9 +48,22 @@ def _torch_has_16bit_gemm(dtype: torch.dtype) -> bool:
     mkldnn = torch.ops.mkldnn
     check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
     try:
-        return bool(getattr(mkldnn, check)())
+        native = bool(getattr(mkldnn, check)())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN: the slow loop
-        return False
+        native = False
+    if not native:
+        name = str(dtype).removeprefix("torch.")
+        logger.info(
+            "torch has no fast %s matrix product on this CPU (capability %s): %s products are "
+            "computed in fp32 and rounded once, so %s saves memory here, not time (%s=native "
+            "to use torch's own)",
+            name,
+            torch.backends.cpu.get_cpu_capability(),
+            name,
+            name,
+            ENV_VAR,
+        )
+    return native
 
 
 def gemm_in_fp32(t: torch.Tensor) -> bool:

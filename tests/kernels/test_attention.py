@@ -273,7 +273,8 @@ def test_in_place_softmax_equals_torch_softmax() -> None:
         assert torch.equal(x, expected)
 
 
-def test_auto_takes_fused_for_16_bit_inputs_on_cpu() -> None:
+def test_auto_takes_fused_for_16_bit_inputs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEGATRON_GLM_16BIT_GEMM", "native")  # a CPU with bf16 products
     sep = torch.tensor([3, 7])
     mask = prepare_attention_mask(sep, 8, 8, "auto")
     assert mask.backend == "sdpa" and mask.auto
@@ -283,3 +284,24 @@ def test_auto_takes_fused_for_16_bit_inputs_on_cpu() -> None:
             got = attention(q, k, v, sep, mask=mask)
             want = attention(q, k, v, sep, backend=backend)
         assert torch.equal(got, want), dtype
+
+
+def test_auto_takes_fp32_sdpa_for_16_bit_inputs_where_products_run_in_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without bf16 products (no AVX512) 16-bit inputs without dropout take SDPA on fp32 copies:
+    output and gradients are the fp32 SDPA's, rounded once."""
+    monkeypatch.setenv("MEGATRON_GLM_16BIT_GEMM", "fp32")
+    sep = torch.tensor([3, 7])
+    mask = prepare_attention_mask(sep, 8, 8, "auto")
+    q, k, v = _inputs(2, 2, 8, 8, 16, dtype=torch.bfloat16, seed=10)
+    grad = _inputs(2, 2, 8, 8, 16, dtype=torch.bfloat16, seed=11)[0]
+    results = []
+    for dtype, backend in ((torch.bfloat16, "auto"), (torch.float32, "sdpa")):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, sep, backend=backend, mask=mask if backend == "auto" else None)
+        out.backward(grad.to(dtype))
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*results):
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want.bfloat16())
