@@ -8,12 +8,12 @@ pretraining objectives use them). Text prompts are framed the way the official
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_glm.data.tokenizers import GLMTokenizer
+from megatron_glm.tasks.data import read_jsonl
 
 __all__ = [
     "BLANK_TEXTS",
@@ -120,26 +120,14 @@ def read_prompt_file(path: str) -> list[tuple[int, dict[str, Any]]]:
     line with a ``"prompt"`` (text, or a list of ids). Every bad line is reported at once
     (``ValueError``, file:line)."""
     records, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                problems.append(f"{path}:{number}: not JSON ({err})")
-                continue
-            prompt = record.get("prompt") if isinstance(record, dict) else None
-            text = isinstance(prompt, str) and bool(prompt.strip())
-            ids = isinstance(prompt, list) and bool(prompt) and all(type(i) is int for i in prompt)
-            if text or ids:
-                records.append((number, record))
-            else:
-                problems.append(
-                    f'{path}:{number}: needs a "prompt": non-empty text or a list of ids'
-                )
+    for record in read_jsonl(path, problems):
+        prompt = record.obj.get("prompt")
+        text = isinstance(prompt, str) and bool(prompt.strip())
+        ids = isinstance(prompt, list) and bool(prompt) and all(type(i) is int for i in prompt)
+        if text or ids:
+            records.append((record.line, record.obj))
+        else:
+            problems.append(f'{record.where}: needs a "prompt": non-empty text or a list of ids')
     if problems:
         raise ValueError("\n".join(problems))
-    if not records:
-        raise ValueError(f"{path}: no prompts")
     return records

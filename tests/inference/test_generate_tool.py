@@ -212,7 +212,7 @@ def test_bad_prompt_file(trained: Path, tmp_path: Path) -> None:
         "tools/generate.py", "--load-pretrained", str(trained), "--input-file", str(prompts)
     )
     assert done.returncode == 2
-    assert f"{prompts}:2: not JSON" in done.stderr
+    assert f"{prompts}:2: not valid JSON" in done.stderr
     assert f'{prompts}:3: needs a "prompt"' in done.stderr
     prompts.write_text('{"prompt": "fine[MASK]"}\n{"prompt": [3, 300, 2]}\n')
     done = run_tool(
