@@ -431,7 +431,9 @@ def main() -> None:
         help="sequence lengths of step/matmuls (default 512 1024 2048)",
     )
     parser.add_argument(
-        "--update", action="store_true", help="rerun --sections into the existing --out JSON"
+        "--update",
+        action="store_true",
+        help="rerun --sections into the existing --out JSON (step/matmuls: only the rows of --seqs)",
     )
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_cache"))
@@ -448,7 +450,8 @@ def main() -> None:
     result: dict[str, Any] = {"command": command}
     if args.update and args.out.exists():  # keep the other sections of an earlier run
         result = json.loads(args.out.read_text(encoding="utf-8"))
-        result["command"] += f"; --sections {' '.join(args.sections)} rerun"
+        rerun = f"{command} --sections {' '.join(args.sections)} --rounds {args.rounds} --update"
+        result["command"] += f"; then {rerun}"
     sections = {
         "step": step_section,
         "matmuls": matmul_section,
@@ -457,7 +460,10 @@ def main() -> None:
     }
     for name in args.sections:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        result[name] = sections[name](args)
+        fresh = sections[name](args)
+        if args.update and name in ("step", "matmuls"):  # keep the other sequence lengths' rows
+            fresh = [r for r in result.get(name, []) if r["seq"] not in args.seqs] + fresh
+        result[name] = fresh
     result["machine"] = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
