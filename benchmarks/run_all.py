@@ -41,6 +41,7 @@ BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 TOKENIZER = REPO / "tests" / "assets" / "tokenizers" / "pydocs_sp1k.model"
 CORPUS = REPO / "data" / "python-docs-en.jsonl.gz"
 BATCH = 2
+FULL_SEQS = [512, 1024, 2048]  # the step and matmul sections' lengths without --quick / --seqs
 
 
 def _env() -> dict[str, str]:
@@ -438,7 +439,7 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_cache"))
     args = parser.parse_args()
-    args.seqs = args.seqs or ([1024] if args.quick else [512, 1024, 2048])
+    args.seqs = args.seqs or ([1024] if args.quick else FULL_SEQS)
     args.keep_seq = 1024
     args.warmup, args.steps = 1, 1 if args.quick else 2
     args.attention_seq = 1024
@@ -446,7 +447,7 @@ def main() -> None:
     args.e2e_iters = (2, 6) if args.quick else (3, 11)
 
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
-    command += f" --seqs {' '.join(map(str, args.seqs))}" if args.seqs != [512, 1024, 2048] else ""
+    command += f" --seqs {' '.join(map(str, args.seqs))}" if args.seqs != FULL_SEQS else ""
     result: dict[str, Any] = {"command": command}
     if args.update and args.out.exists():  # keep the other sections of an earlier run
         result = json.loads(args.out.read_text(encoding="utf-8"))

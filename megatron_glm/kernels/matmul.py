@@ -83,16 +83,24 @@ def _blocks(total: int, per_item: int) -> list[slice]:
     return [slice(start, min(start + step, total)) for start in range(0, total, step)]
 
 
-def _matmul_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:func:`matmul`'s values, without autograd."""
-    if not gemm_in_fp32(a):
+def _matmul_values(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`matmul`'s values, without autograd. ``bias [n]`` is for :func:`linear_forward`'s fp32
+    path (a 2-D ``b``): added in fp32 before the one rounding, as a native GEMM adds it."""
+    fp32 = gemm_in_fp32(a)
+    assert bias is None or (b.dim() == 2 and fp32), "bias: linear_forward's fp32 path only"
+    if not fp32:
         return torch.matmul(a, b)
     if b.dim() == 2:  # rows of a against one matrix (a linear layer)
         rows = a.reshape(-1, a.shape[-1])  # [t, k]
         out = a.new_empty(rows.shape[0], b.shape[1])  # [t, n]
         weight = b.float()
         for block in _blocks(rows.shape[0], max(rows.shape[1], b.shape[1])):
-            out[block] = torch.mm(rows[block].float(), weight)
+            if bias is None:
+                out[block] = torch.mm(rows[block].float(), weight)
+            else:
+                out[block] = torch.addmm(bias.float(), rows[block].float(), weight)
         return out.view(*a.shape[:-1], b.shape[1])
     if a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"matmul: batch dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
@@ -154,15 +162,7 @@ def linear_forward(
     :func:`gemm_in_fp32` says so, the bias added before the one rounding (as a native GEMM does)."""
     if not gemm_in_fp32(x):
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])  # [t, i]
-    out = x.new_empty(rows.shape[0], weight.shape[0])  # [t, o]
-    weight_t = weight.float().t()  # [i, o]
-    for block in _blocks(rows.shape[0], max(weight.shape)):
-        if bias is None:
-            out[block] = torch.mm(rows[block].float(), weight_t)
-        else:
-            out[block] = torch.addmm(bias.float(), rows[block].float(), weight_t)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _matmul_values(x, weight.t(), bias)  # [.., o]
 
 
 class _Fp32ComputeLinear(torch.autograd.Function):

@@ -53,9 +53,14 @@ def test_products_in_fp32_route_the_baselines_bf16_products(
     plain = baseline(ids, pos, sep)
     monkeypatch.setenv(mm.ENV_VAR, "fp32")
     calls: list[str] = []
-    real_values, real_linear = mm._matmul_values, mm.linear_forward
-    monkeypatch.setattr(mm, "_matmul_values", lambda *a: calls.append("matmul") or real_values(*a))
-    monkeypatch.setattr(mm, "linear_forward", lambda *a: calls.append("linear") or real_linear(*a))
+    for name, function in (("matmul", mm._Fp32ComputeMatmul), ("linear", mm._Fp32ComputeLinear)):
+        forward = function.forward
+
+        def counted(*a, name=name, forward=forward):
+            calls.append(name)
+            return forward(*a)
+
+        monkeypatch.setattr(function, "forward", staticmethod(counted))
     with ProductsInFp32():
         routed = baseline(ids, pos, sep)
     layers = config.num_layers
